@@ -1,0 +1,214 @@
+"""``python -m autotuning``: the same job as the app, without a browser.
+
+Exit codes: 0 done, 2 bad input (one ``error: ...`` line on stderr, nothing written),
+130 stopped with Ctrl-C (checkpoint saved; continue with ``--resume``), 1 unexpected failure
+(the traceback is in the run's train.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from .config import Config, iter_fields, load_config, quickstart_overrides
+from .errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+
+
+def _options_text() -> str:
+    lines = []
+    group_seen = None
+    for group, f in iter_fields():
+        if group != group_seen:
+            lines.append(f"\n[{group}]")
+            group_seen = group
+        default = f.default if f.default is not f.default_factory else f.default_factory()  # type: ignore[misc]
+        if f.name == "hf_token":
+            default = "$HF_TOKEN"
+        default = [str(d) for d in default] if isinstance(default, list) else str(default)
+        lines.append(f"  {f.name} (default: {default})")
+        lines.extend(textwrap.wrap(f.metadata["help"], width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m autotuning",
+        description="Fine-tune Hugging Face causal language models with LoRA/QLoRA, evaluate and export them.",
+        epilog="Run 'python -m autotuning options' for every config option with its help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML config (flat or grouped keys; seed aliases accepted)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one option, e.g. --set learning_rate=1e-4 --set save_format=torch (repeatable)",
+        )
+
+    train = sub.add_parser(
+        "train",
+        help="run the whole job: data -> training -> evaluation -> export",
+        description="Run the whole job. Without --config: the offline quickstart (builtin tiny Llama, bundled "
+        "instruction sample, 40 steps); --set options apply on top of it.",
+    )
+    add_config_args(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its last checkpoint (its saved config is used unless --config)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = sub.add_parser(
+        "inspect-data",
+        help="show detected format, row counts, token lengths, truncation and one masked example",
+        description="Load and tokenise the dataset as training would, without training.",
+    )
+    add_config_args(inspect)
+    inspect.add_argument("--rows", type=int, default=1, help="how many examples to print (default 1)")
+
+    sub.add_parser("options", help="list every config option with its default and help")
+    show = sub.add_parser("show-config", help="print the resolved config as YAML (token redacted)")
+    add_config_args(show)
+    return parser
+
+
+def _resolve_config(args: argparse.Namespace, resume: bool = False) -> Config:
+    """--config file, else the offline quickstart; --set on top. Resuming without --config reuses the run's config."""
+    overrides = list(args.overrides) + (["resume=true"] if resume else [])
+    if args.config:
+        return load_config(args.config, overrides)
+    config = load_config(None, overrides, defaults=quickstart_overrides())
+    saved = Path(config.run.output_dir) / "config.yaml"
+    if resume and config.run.output_dir and saved.is_file():
+        # The continued run trains exactly as before unless --set says otherwise.
+        return load_config(saved, overrides)
+    return config
+
+
+def _setup_console_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Tracebacks and the failure line go to train.log; the console gets the one 'error:' line from main().
+    handler.addFilter(lambda record: not record.name.startswith("autotuning.trace") and record.levelno < logging.ERROR)
+    logger = logging.getLogger("autotuning")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .job import run_job
+
+    config = _resolve_config(args, resume=args.resume)
+    stop_event = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop_event.is_set():
+            raise KeyboardInterrupt
+        stop_event.set()
+        print(
+            "\nstopping at the next step and saving a checkpoint (Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = run_job(config, stop_event=stop_event, show_progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.status == "stopped":
+        print(
+            f"stopped at step {result.global_step}; continue with: python -m autotuning train --resume "
+            f"--set output_dir={result.run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    summary = {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step}
+    summary.update({k: result.eval_results[k] for k in ("eval_loss", "perplexity", "accuracy", "f1") if k in result.eval_results})
+    if "torch" in result.exports:
+        summary["merged"] = result.exports["torch"]["path"]
+        summary["max_abs_logit_diff"] = result.exports["torch"]["max_abs_logit_diff"]
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .data import encode_example, prepare_data
+    from .modeling import load_tokenizer
+
+    config = _resolve_config(args)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    stats = data.stats
+    print(f"source: {data.source}")
+    print(f"format: {data.format} (fine-tuning type {config.data.fine_tuning_type.value})")
+    print(f"rows: {stats['rows_read']} read, {stats['rows_skipped']} skipped, {len(data.train_rows)} train, {len(data.eval_rows)} eval")
+    for note in data.notes:
+        print(f"note: {note}")
+    for split in ("train", "eval"):
+        s = stats[split]
+        if not s:
+            continue
+        print(
+            f"{split} tokens: min {s['min_tokens']}, median {s['median_tokens']}, p95 {s['p95_tokens']}, "
+            f"max {s['max_tokens']}; max_seq_length {config.data.max_seq_length}: {s['truncated_rows']} rows "
+            f"truncated, {s['answer_lost_rows']} dropped (answer lost); {s['answer_tokens']} trained answer tokens"
+        )
+    for row in data.train_rows[: max(0, args.rows)]:
+        enc = encode_example(tokenizer, row, config.data.max_seq_length)
+        prompt_ids = [t for t, m in zip(enc.input_ids, enc.completion_mask) if not m]
+        answer_ids = [t for t, m in zip(enc.input_ids, enc.completion_mask) if m]
+        print("\n--- example: prompt tokens (masked, no loss) ---")
+        print(tokenizer.decode(prompt_ids))
+        print("--- answer tokens (trained) ---")
+        print(tokenizer.decode(answer_ids))
+        print(f"--- {len(prompt_ids)} masked + {len(answer_ids)} trained tokens ---")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "options":
+        print(_options_text().lstrip("\n"))
+        return EXIT_OK
+    _setup_console_logging(quiet=getattr(args, "quiet", False))
+    try:
+        if args.command == "show-config":
+            print(_resolve_config(args).to_yaml(), end="")
+            return EXIT_OK
+        if args.command == "inspect-data":
+            return _cmd_inspect(args)
+        return _cmd_train(args)
+    except UserError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: aborted without saving", file=sys.stderr)
+        return EXIT_STOPPED
+    except Exception as exc:  # a bug: one line here, the traceback in train.log
+        logging.getLogger("autotuning").debug("unexpected error", exc_info=True)
+        print(
+            f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), "
+            "see train.log in the run directory, please report it",
+            file=sys.stderr,
+        )
+        if os.environ.get("AUTOTUNING_DEBUG"):
+            raise
+        return EXIT_FAILED

@@ -1,0 +1,174 @@
+"""Data: load -> detect format -> normalise -> split -> tokenise with the answer mask.
+
+Example::
+
+    data = prepare_data(config, tokenizer)
+    data.train  # datasets.Dataset with input_ids + completion_mask
+    data.stats["train"]["truncated_rows"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config
+from ..errors import DataError
+from .encoding import EncodedExample, EncodingStats, encode_example, render_prompt
+from .formats import ACCEPTED_FORMATS, FORMATS, Format, RowError, detect_format, normalise_row
+from .loading import BUILTIN_HUB_DATASETS, SAMPLE_FILES, RawData, load_rows, sample_path
+
+__all__ = [
+    "PreparedData",
+    "prepare_data",
+    "normalise_rows",
+    "split_rows",
+    "encode_rows",
+    "load_rows",
+    "encode_example",
+    "render_prompt",
+    "detect_format",
+    "sample_path",
+    "EncodedExample",
+    "ACCEPTED_FORMATS",
+    "FORMATS",
+    "BUILTIN_HUB_DATASETS",
+    "SAMPLE_FILES",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    source: str
+    format: str
+    train_rows: list[dict]  # normalised rows (see formats.py)
+    eval_rows: list[dict]
+    train: Any  # datasets.Dataset: input_ids, completion_mask
+    eval: Any | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def normalise_rows(raw: RawData, config: Config) -> tuple[Format, list[dict], int]:
+    """Convert every row; returns (format, rows, skipped). Bad rows stop the run unless skip_bad_rows."""
+    kind = config.data.fine_tuning_type
+    columns: set[str] = set()
+    for row in raw.rows[:200]:
+        columns.update(row)
+    fmt = detect_format(columns, kind, raw.source)
+    rows: list[dict] = []
+    skipped = 0
+    for index, row in enumerate(raw.rows):
+        try:
+            rows.append(normalise_row(fmt, row, kind, config.data.system_prompt))
+        except RowError as err:
+            if config.data.skip_bad_rows:
+                skipped += 1
+                continue
+            raise DataError(
+                f"field '{err.field}' {err}",
+                raw.where(index),
+                "fix or remove that row (or set skip_bad_rows: true to skip bad rows)",
+            ) from None
+    if skipped:
+        log.warning("skipped %d bad rows of %d (skip_bad_rows)", skipped, len(raw.rows))
+    if not rows:
+        raise DataError("no usable rows", raw.source, "every row was skipped as bad; check the file format")
+    return fmt, rows, skipped
+
+
+def split_rows(rows: list[dict], eval_split: float, seed: int, max_samples: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic shuffle (seeded), optional cap, then hold out the eval fraction."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    if max_samples:
+        order = order[:max_samples]
+    n_eval = 0
+    if eval_split > 0 and len(order) >= 2:
+        n_eval = min(len(order) - 1, max(1, round(len(order) * eval_split)))
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+
+
+def encode_rows(tokenizer, rows: list[dict], max_seq_length: int, name: str):
+    """Tokenise rows into a datasets.Dataset; drops (and counts) rows whose answer truncation removed."""
+    import datasets
+
+    stats = EncodingStats()
+    kept: list[dict] = []
+    for row in rows:
+        enc = encode_example(tokenizer, row, max_seq_length)
+        stats.add(enc)
+        if not enc.answer_lost:
+            kept.append(enc.as_row())
+    summary = stats.summary()
+    if stats.answer_lost:
+        log.warning(
+            "%s: %d of %d rows dropped because their prompt alone fills max_seq_length=%d (no answer left to "
+            "train on); raise max_seq_length to keep them",
+            name,
+            stats.answer_lost,
+            stats.rows,
+            max_seq_length,
+        )
+    if stats.truncated:
+        log.info("%s: %d rows had the end of their answer truncated to max_seq_length=%d", name, stats.truncated, max_seq_length)
+    dataset = datasets.Dataset.from_list(kept) if kept else None
+    return dataset, summary
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_data(config: Config, tokenizer) -> PreparedData:
+    d = config.data
+    raw = load_rows(
+        d.fine_tuning_type,
+        d.dataset_path,
+        d.dataset_config,
+        d.dataset_split,
+        token=config.model.hf_token or None,
+        max_samples=d.max_samples,
+    )
+    fmt, rows, skipped = normalise_rows(raw, config)
+    train_rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed, d.max_samples)
+    train, train_stats = encode_rows(tokenizer, train_rows, d.max_seq_length, "train")
+    if train is None:
+        raise DataError(
+            f"no training row fits max_seq_length={d.max_seq_length} with any of its answer",
+            f"field 'max_seq_length' ({raw.source})",
+            "raise max_seq_length",
+        )
+    evaluation, eval_stats = (None, None)
+    if eval_rows:
+        evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval")
+    stats = {
+        "source": raw.source,
+        "format": fmt.name,
+        "rows_read": len(raw.rows),
+        "rows_skipped": skipped,
+        "train": train_stats,
+        "eval": eval_stats,
+    }
+    return PreparedData(
+        source=raw.source,
+        format=fmt.name,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train=train,
+        eval=evaluation,
+        stats=stats,
+        notes=list(raw.notes),
+        fingerprint=_fingerprint(rows),
+    )

@@ -1,0 +1,272 @@
+"""The fine-tuning job, top to bottom: config -> tokenizer -> data -> model -> trainer -> eval -> export.
+
+This is the recipe the CLI runs in the foreground and the pipeline facade runs in a thread. It
+reads in dependency order; comments mark where the order matters. Everything that can fail on
+bad input (config, output dir, model id, dataset) is checked *before* the run directory is
+created, so a mistake never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, PeftType, SaveFormat
+from .errors import ConfigError, UserError
+
+__all__ = ["JobResult", "run_job", "preflight"]
+
+log = logging.getLogger("autotuning")
+trace_log = logging.getLogger("autotuning.trace")  # file only: the console never shows tracebacks
+
+
+@dataclass
+class JobResult:
+    status: str  # finished | stopped | failed
+    run_dir: Path
+    global_step: int = 0
+    eval_results: dict[str, Any] = field(default_factory=dict)
+    exports: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def preflight(config: Config) -> None:
+    """Refuse what this version cannot do before any work starts."""
+    import torch
+
+    missing = [f.value for f in config.export.save_format if f is not SaveFormat.TORCH]
+    if missing:
+        raise ConfigError(
+            f"export format(s) {', '.join(missing)} are not available in this version yet",
+            "field 'save_format'",
+            "use save_format: [torch]",
+        )
+    if config.training.fsdp:
+        gpus = torch.cuda.device_count()
+        raise ConfigError(
+            f"fsdp needs several CUDA GPUs and a multi-process launch; this machine has {gpus} GPU(s) and "
+            "multi-GPU launching is not available in this version yet",
+            "field 'fsdp'",
+            "set fsdp: false",
+        )
+
+
+class _RunLog:
+    """Buffers log records until the run directory exists, then writes everything to train.log."""
+
+    def __init__(self) -> None:
+        self.records: list[logging.LogRecord] = []
+        self.file_handler: logging.FileHandler | None = None
+        self.buffer = _BufferHandler(self.records)
+        self.formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # transformers/trl warnings go to train.log too; their INFO chatter does not.
+        self._loggers = [logging.getLogger("autotuning"), logging.getLogger("transformers"), logging.getLogger("trl")]
+        self._levels = [lg.level for lg in self._loggers]
+
+    def __enter__(self) -> _RunLog:
+        for lg in self._loggers:
+            lg.addHandler(self.buffer)
+        self._loggers[0].setLevel(logging.INFO)
+        return self
+
+    def attach(self, path: Path) -> None:
+        self.file_handler = logging.FileHandler(path, encoding="utf-8")
+        self.file_handler.setFormatter(self.formatter)
+        for record in self.records:
+            self.file_handler.emit(record)
+        for lg in self._loggers:
+            lg.addHandler(self.file_handler)
+            lg.removeHandler(self.buffer)
+
+    def __exit__(self, *exc: Any) -> None:
+        for lg, level in zip(self._loggers, self._levels):
+            lg.removeHandler(self.buffer)
+            if self.file_handler is not None:
+                lg.removeHandler(self.file_handler)
+            lg.setLevel(level)
+        if self.file_handler is not None:
+            self.file_handler.close()
+
+
+class _BufferHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]):
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def run_job(
+    config: Config,
+    *,
+    stop_event: threading.Event | None = None,
+    sink=None,
+    show_progress: bool = True,
+) -> JobResult:
+    """Run the whole job. Raises UserError for bad input (nothing written); returns a JobResult otherwise."""
+    # Heavy imports here, not at module import: `python -m autotuning --help` stays instant.
+    import torch
+
+    from .data import prepare_data
+    from .evaluation import evaluate_answers, save_eval_results
+    from .export import export_torch
+    from .modeling import apply_peft, load_model, load_tokenizer
+    from .runs import library_versions, resolve_run_dir
+    from .training import (
+        FinalCheckpointCallback,
+        MetricsCallback,
+        MetricsSink,
+        StopCallback,
+        build_trainer,
+        last_checkpoint,
+        truncate_metrics,
+    )
+
+    stop_event = stop_event or threading.Event()
+    sink = sink or MetricsSink()
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    with _RunLog() as run_log:
+        # 1. Everything that can reject the input, before any file is written.
+        preflight(config)
+        run = resolve_run_dir(config)
+        t0 = time.time()
+        tokenizer = load_tokenizer(config)  # the data step needs it: prompts use its chat template
+        data = prepare_data(config, tokenizer)
+        for note in data.notes:
+            log.warning(note)
+        timings["data_s"] = round(time.time() - t0, 2)
+        log.info(
+            "data: %s (%s format), %d train / %d eval rows, median %s tokens, %d truncated, %d dropped (answer lost)",
+            data.source,
+            data.format,
+            data.stats["train"]["rows"] - data.stats["train"]["answer_lost_rows"],
+            len(data.eval) if data.eval is not None else 0,
+            data.stats["train"]["median_tokens"],
+            data.stats["train"]["truncated_rows"],
+            data.stats["train"]["answer_lost_rows"],
+        )
+        t0 = time.time()
+        loaded = load_model(config)
+        model = apply_peft(loaded.model, config)
+        timings["model_s"] = round(time.time() - t0, 2)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("model: %s, %d trainable of %d parameters, precision %s", config.model.model_name, trainable, total, loaded.precision)
+
+        # 2. The run directory. From here on a failure is recorded in run.json instead of raised as bad input.
+        resume_from = None
+        if config.training.resume:
+            resume_from = last_checkpoint(run.checkpoints)
+            if resume_from is None:
+                raise ConfigError(
+                    "the run in output_dir has no complete checkpoint to resume from",
+                    f"{run.checkpoints}",
+                    "start a new run (or check that save_steps was reached before it stopped)",
+                )
+        elif run.path.exists() and config.run.overwrite_output_dir:
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run_log.attach(run.log_path)
+        config.save_yaml(run.config_path)
+        if resume_from is not None:
+            truncate_metrics(run.metrics_path, int(resume_from.name.split("-")[1]))
+        sink.attach(run.metrics_path)
+        previous = run.read()
+        run.update(
+            status="running",
+            started_at=previous.get("started_at", started),
+            resumed_from=str(resume_from) if resume_from else None,
+            model_name=config.model.model_name,
+            fine_tuning_type=config.data.fine_tuning_type.value,
+            device="cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            precision=loaded.precision,
+            versions=library_versions(),
+            dataset={"fingerprint": data.fingerprint, **data.stats, "notes": data.notes},
+            parameters={"trainable": trainable, "total": total},
+            error=None,
+        )
+        log.info("run directory: %s", run.path)
+
+        try:
+            t0 = time.time()
+            stopper = StopCallback(stop_event)
+            trainer = build_trainer(
+                config,
+                model,
+                tokenizer,
+                data.train,
+                data.eval,
+                run.checkpoints,
+                loaded.precision,
+                callbacks=[MetricsCallback(sink), stopper, FinalCheckpointCallback()],
+                show_progress=show_progress,
+            )
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            step = trainer.state.global_step
+            timings["train_s"] = round(time.time() - t0, 2)
+            if stopper.stopped_at is not None and step < trainer.state.max_steps:
+                checkpoint = last_checkpoint(run.checkpoints)
+                run.update(status="stopped", global_step=step, checkpoint=str(checkpoint), timings=timings)
+                log.info("stopped at step %d; checkpoint %s; resume with --resume", step, checkpoint)
+                return JobResult("stopped", run.path, step)
+
+            # Accelerate patches forward() with autocast for mixed precision; unwrap so evaluation and the export
+            # check see the model's own fp32 forward.
+            trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+            # 3. Evaluation on the held-out rows (answer tokens only, shifted).
+            results: dict[str, Any] = {}
+            if data.eval is not None:
+                t0 = time.time()
+                results = evaluate_answers(
+                    trained, data.eval, tokenizer, config.training.per_device_eval_batch_size, loaded.precision
+                )
+                results["global_step"] = step
+                save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
+                timings["eval_s"] = round(time.time() - t0, 2)
+                log.info(
+                    "eval: loss %.4f, perplexity %.2f, token accuracy %.4f, token F1 %.4f over %d answer tokens",
+                    results["eval_loss"],
+                    results["perplexity"],
+                    results["accuracy"],
+                    results["f1"],
+                    results["eval_tokens"],
+                )
+                sink.emit({"type": "final_eval", "step": step, "time": time.time(), **results})
+
+            # 4. Exports (torch: adapter + verified merged model).
+            t0 = time.time()
+            exports: dict[str, Any] = {}
+            if SaveFormat.TORCH in config.export.save_format:
+                exports["torch"] = export_torch(
+                    run, trained, tokenizer, loaded.path, is_peft=config.peft.peft_type is not PeftType.NONE
+                )
+                log.info("export torch: %s (max |logit diff| %.2e)", run.merged, exports["torch"]["max_abs_logit_diff"])
+            timings["export_s"] = round(time.time() - t0, 2)
+            timings["total_s"] = round(time.time() - started, 2)
+            run.update(
+                status="finished",
+                finished_at=time.time(),
+                global_step=step,
+                eval_results=results,
+                exports=exports,
+                timings=timings,
+            )
+            return JobResult("finished", run.path, step, results, exports)
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                message = "interrupted"
+            log.error("run failed: %s", message)
+            trace_log.error("traceback:\n%s", traceback.format_exc())
+            run.update(status="failed", error=message, timings=timings)
+            raise

@@ -1,0 +1,123 @@
+"""Where a run lives on disk, and its run.json record.
+
+A run directory holds::
+
+    config.yaml        the config (token never written)
+    run.json           status, timings, versions, dataset fingerprint and stats, parity figures
+    metrics.jsonl      one metric event per line (the live chart's history)
+    train.log          full log, tracebacks included
+    checkpoints/       resumable Trainer checkpoints (checkpoint-<step>/)
+    adapter/           the trained LoRA adapter
+    merged/            the merged model + tokenizer (safetensors)
+    eval_results.json|csv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ConfigError
+
+__all__ = ["RunDir", "resolve_run_dir", "library_versions", "default_run_name", "write_json_atomic"]
+
+_LOCK = threading.Lock()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "evaluate"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def default_run_name(config: Config) -> str:
+    short = config.data.fine_tuning_type.value.split("_")[0]
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{short}"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    run_json = property(lambda self: self.path / "run.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    log_path = property(lambda self: self.path / "train.log")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    adapter = property(lambda self: self.path / "adapter")
+    merged = property(lambda self: self.path / "merged")
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge fields into run.json (atomic replace; safe to read concurrently)."""
+        with _LOCK:
+            data = self.read()
+            data.update(fields)
+            data["updated_at"] = time.time()
+            write_json_atomic(self.run_json, data)
+            return data
+
+
+def resolve_run_dir(config: Config) -> RunDir:
+    """Check the output directory before anything is written; raise a ConfigError that says what to do."""
+    raw = config.run.output_dir or str(Path("runs") / default_run_name(config))
+    path = Path(raw).expanduser()
+    where = f"field 'output_dir' = {raw}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError("output_dir is a file, not a directory", where, "choose a directory path")
+    run = RunDir(path)
+    has_content = path.is_dir() and any(path.iterdir())
+    if config.training.resume:
+        if not run.exists():
+            raise ConfigError(
+                "there is no run to resume in output_dir", where, "point output_dir at an earlier run's directory"
+            )
+        return run
+    if has_content:
+        if not config.run.overwrite_output_dir:
+            raise ConfigError(
+                "output_dir already holds files",
+                where,
+                "pass --resume to continue that run, set overwrite_output_dir: true to replace it, or pick a new output_dir",
+            )
+        if not run.exists():
+            raise ConfigError(
+                "output_dir holds files that are not an autotuning run; refusing to overwrite them",
+                where,
+                "pick an empty or new output_dir",
+            )
+    parent = path.parent if path.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError("cannot write to output_dir (permission denied)", where, "choose a writable directory")
+    return run

@@ -1,0 +1,87 @@
+"""Trainer callbacks: metric events for live charts, and a cooperative stop that still saves."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from transformers import TrainerCallback
+
+from .metrics import MetricsSink
+
+__all__ = ["MetricsCallback", "StopCallback", "FinalCheckpointCallback"]
+
+_TRAIN_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+
+
+class MetricsCallback(TrainerCallback):
+    """Turns every ``on_log`` into a metric event: step, epoch, loss / eval loss, lr, grad norm, tokens/s, ETA."""
+
+    def __init__(self, sink: MetricsSink):
+        self.sink = sink
+        self._start_time = 0.0
+        self._start_step = 0
+        self._last_time = 0.0
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_time = self._last_time = time.monotonic()
+        self._start_step = state.global_step  # > 0 when resuming
+        self._last_tokens = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        now = time.monotonic()
+        step = state.global_step
+        event: dict = {"step": step, "epoch": round(float(state.epoch or 0.0), 4), "time": time.time()}
+        if "eval_loss" in logs:
+            event["type"] = "eval"
+            event["eval_loss"] = float(logs["eval_loss"])
+            event["eval_perplexity"] = math.exp(min(float(logs["eval_loss"]), 50.0))
+        elif "loss" in logs:
+            event["type"] = "train"
+            for key, name in _TRAIN_KEYS.items():
+                if key in logs and logs[key] is not None:
+                    event[name] = float(logs[key])
+            tokens = state.num_input_tokens_seen or 0
+            if now > self._last_time and tokens >= self._last_tokens:
+                event["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 1)
+            event["tokens_seen"] = tokens
+            self._last_time, self._last_tokens = now, tokens
+        elif "train_runtime" in logs:
+            event["type"] = "summary"
+            event.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+        else:
+            return
+        elapsed = now - self._start_time
+        event["elapsed_s"] = round(elapsed, 2)
+        done = step - self._start_step
+        if state.max_steps and done > 0:
+            event["eta_s"] = round(max(0.0, (state.max_steps - step) * elapsed / done), 1)
+        event["max_steps"] = state.max_steps
+        self.sink.emit(event)
+
+
+class StopCallback(TrainerCallback):
+    """Ends training at the next step boundary when ``stop_event`` is set, saving a checkpoint first."""
+
+    def __init__(self, stop_event: threading.Event):
+        self.stop_event = stop_event
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_event.is_set():
+            control.should_training_stop = True
+            control.should_save = True
+            self.stopped_at = state.global_step
+        return control
+
+
+class FinalCheckpointCallback(TrainerCallback):
+    """Always checkpoint the last step, so a finished run can be resumed/extended and nothing is lost."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control

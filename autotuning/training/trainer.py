@@ -1,0 +1,95 @@
+"""Build TRL's SFTTrainer from a Config. We configure the loop; we do not rewrite it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+
+__all__ = ["build_sft_config", "build_trainer", "last_checkpoint"]
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
+    from trl import SFTConfig
+
+    t = config.training
+    eval_every = t.eval_steps if (has_eval and t.eval_steps > 0) else None
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        # Schedule
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type.value,
+        warmup_steps=t.warmup_ratio,  # < 1 means a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        # TRL defaults bf16=True and gradient checkpointing on, even on CPU: set both explicitly.
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        # Data: rows arrive tokenised with a completion mask; TRL turns it into labels (-100 on prompts).
+        max_length=config.data.max_seq_length,
+        completion_only_loss=True,
+        packing=t.packing,
+        dataset_num_proc=None,
+        # Logging, evaluation, checkpoints
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=not show_progress,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(
+    config: Config,
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    checkpoint_dir: Path,
+    precision: str,
+    callbacks: list,
+    show_progress: bool = True,
+):
+    from trl import SFTTrainer
+
+    args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest *complete* checkpoint (trainer state written last by the Trainer), or None."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for child in checkpoint_dir.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
