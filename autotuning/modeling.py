@@ -2,8 +2,8 @@
 
 The builtin models (``builtin:tiny-llama``, ``builtin:tiny-gpt2``, ``builtin:tiny-qwen2``) exist so
 that everything works offline: they are built on first use, deterministically, from a byte-level
-BPE tokenizer trained on the bundled sample datasets and a ~1M-parameter randomly initialised
-network, then cached. Their hidden and intermediate sizes are multiples of 64 because
+BPE tokenizer trained on the bundled sample datasets and a ~1M-parameter network (fixed-seed
+initialisation, then a few seconds of pretraining on the same text), then cached. Their hidden and intermediate sizes are multiples of 64 because
 bitsandbytes' 4-bit CPU kernels need every Linear input size to be a multiple of 64.
 """
 
@@ -23,6 +23,7 @@ import torch
 
 from .config import Config, PeftType, Precision, Quantization
 from .errors import ConfigError, ModelError
+from .hub import hub_reachable
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the recipe below changes, so cached copies are rebuilt.
-_BUILTIN_RECIPE_VERSION = "1"
+_BUILTIN_RECIPE_VERSION = "2"
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "datasets"
 
 # ChatML with {% generation %} markers (TRL's assistant-only loss needs them) and no newline after
@@ -79,9 +80,9 @@ class _BuiltinSpec:
 
 
 BUILTIN_MODELS: dict[str, _BuiltinSpec] = {
-    "tiny-llama": _BuiltinSpec("llama", "Llama architecture, 2 layers, hidden 128 (~0.9M parameters)"),
-    "tiny-gpt2": _BuiltinSpec("gpt2", "GPT-2 architecture, 2 layers, hidden 128 (~0.9M parameters)"),
-    "tiny-qwen2": _BuiltinSpec("qwen2", "Qwen2 architecture, 2 layers, hidden 128 (~0.9M parameters)"),
+    "tiny-llama": _BuiltinSpec("llama", "Llama architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
+    "tiny-gpt2": _BuiltinSpec("gpt2", "GPT-2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
+    "tiny-qwen2": _BuiltinSpec("qwen2", "Qwen2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
 }
 
 
@@ -210,6 +211,43 @@ def _build_model(architecture: str, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
+_PRETRAIN_STEPS = 120
+_PRETRAIN_BLOCK = 128
+_PRETRAIN_BATCH = 8
+
+
+def _pretrain(model: torch.nn.Module, tokenizer) -> float:
+    """A few seconds of causal-LM training on the bundled text, so the base model is not pure noise.
+
+    A randomly initialised output head keeps logits near uniform, and LoRA (which leaves the head frozen)
+    could then barely move the loss: fine-tuning demos and tests would show nothing. Fixed seed, fixed
+    thread count and fixed batch order make the result the same on every run of the same machine type.
+    """
+    ids: list[int] = []
+    for text in _tokenizer_corpus():
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    usable = len(ids) // _PRETRAIN_BLOCK * _PRETRAIN_BLOCK
+    blocks = torch.tensor(ids[:usable], dtype=torch.long).view(-1, _PRETRAIN_BLOCK)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    model.train()
+    loss = float("nan")
+    try:
+        for _ in range(_PRETRAIN_STEPS):
+            batch = blocks[torch.randint(0, blocks.shape[0], (_PRETRAIN_BATCH,), generator=generator)]
+            out = model(input_ids=batch, labels=batch)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(out.loss)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return loss
+
+
 def ensure_builtin_model(model_name: str) -> Path:
     """Build (once) and return the directory of a builtin tiny model and its tokenizer."""
     short, spec = _builtin_spec(model_name)
@@ -222,6 +260,19 @@ def ensure_builtin_model(model_name: str) -> Path:
     try:
         tokenizer = _train_tokenizer()
         model = _build_model(spec.architecture, tokenizer)
+        final_loss = _pretrain(model, tokenizer)
+        (tmp / "autotuning_builtin.json").write_text(
+            json.dumps(
+                {
+                    "name": model_name,
+                    "description": spec.description,
+                    "recipe_version": _BUILTIN_RECIPE_VERSION,
+                    "pretrain_steps": _PRETRAIN_STEPS,
+                    "pretrain_final_loss": round(final_loss, 4),
+                },
+                indent=2,
+            )
+        )
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
@@ -246,7 +297,7 @@ def resolve_model_path(model_name: str) -> str:
 
 
 def _hub_error(model_name: str, exc: Exception, what: str) -> ModelError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = not hub_reachable()
     local_hint = Path(model_name).expanduser().exists()
     if local_hint:
         return ModelError(
@@ -256,12 +307,26 @@ def _hub_error(model_name: str, exc: Exception, what: str) -> ModelError:
             "field 'model_name'",
             "point model_name at a directory saved with save_pretrained (config.json, weights, tokenizer files)",
         )
-    reason = "the Hub is not reachable (offline)" if offline else f"{type(exc).__name__}"
+    reason = "the Hub is not reachable from this machine" if offline else type(exc).__name__
     return ModelError(
         f"model '{model_name}' was not found as a local directory or on the Hugging Face Hub ({reason})",
         "field 'model_name'",
         "check the id or path, pass hf_token for gated models, or use builtin:tiny-llama offline",
     )
+
+
+def _require_reachable(name: str, path: str) -> None:
+    """A Hub id on a machine without the Hub: fail in seconds with the real reason, unless it is cached."""
+    if Path(path).expanduser().exists() or hub_reachable():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # a cached copy loads offline
+    except Exception:
+        pass
+    raise _hub_error(name, OSError("hub unreachable"), "model")
 
 
 def load_tokenizer(config: Config):
@@ -270,6 +335,7 @@ def load_tokenizer(config: Config):
 
     name = config.model.model_name
     path = resolve_model_path(name)
+    _require_reachable(name, path)
     try:
         if is_builtin(name):
             # AutoTokenizer would swap in the architecture's own tokenizer class (e.g. Qwen2Tokenizer), which

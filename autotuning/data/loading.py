@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import FineTuningType
 from ..errors import DataError
+from ..hub import hub_reachable
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -240,6 +240,12 @@ def _load_hub(
     # A slice keeps huge datasets (ms_marco has ~800k rows) from being materialised in full when
     # the user only wants a few thousand rows; shuffling then happens within that slice.
     split_spec = f"{split}[:{max_samples * 4}]" if max_samples else split
+    if not hub_reachable():
+        raise DataError(
+            f"cannot reach the Hugging Face Hub to download dataset '{dataset_id}'",
+            "field 'dataset_path'",
+            "connect to the internet, or use a local file or 'sample'",
+        ) from ConnectionError("hub unreachable")
     try:
         ds = datasets.load_dataset(dataset_id, name=config_name or None, split=split_spec, token=token)
     except Exception as exc:
@@ -277,8 +283,7 @@ def load_rows(
         return data
     if not dataset_path:
         hub_id, hub_config = BUILTIN_HUB_DATASETS[kind]
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        if not offline:
+        if hub_reachable():
             try:
                 return _load_hub(hub_id, hub_config, "train", token, max_samples)
             except DataError as err:

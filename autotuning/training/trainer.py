@@ -49,6 +49,7 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
+        eval_on_start=bool(eval_every),  # the chart gets a before-training baseline point
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,

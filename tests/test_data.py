@@ -1,0 +1,186 @@
+"""Formats are detected and normalised into one schema; bad files are reported with file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotuning.config import FineTuningType, load_config
+from autotuning.data import load_rows, normalise_rows, split_rows
+from autotuning.data.loading import SAMPLE_FILES, sample_path
+from autotuning.errors import DataError
+
+
+def _normalise(path, kind="instruction", **extra):
+    sets = [f"fine_tuning_type={kind}", f"dataset_path={path}"] + [f"{k}={v}" for k, v in extra.items()]
+    config = load_config(None, sets)
+    raw = load_rows(config.data.fine_tuning_type, str(path))
+    return normalise_rows(raw, config)
+
+
+def _turns(example):
+    return [(m["role"], m["content"]) for m in example["prompt"] + example["completion"]]
+
+
+def test_alpaca_with_and_without_input(jsonl):
+    fmt, rows, _ = _normalise(
+        jsonl([{"instruction": "Translate", "input": "Hello", "output": "Bonjour"}, {"instruction": "Hi", "output": "Hey"}])
+    )
+    assert fmt.name == "alpaca"
+    assert _turns(rows[0]) == [("user", "Translate\n\nHello"), ("assistant", "Bonjour")]
+    assert _turns(rows[1]) == [("user", "Hi"), ("assistant", "Hey")]
+
+
+def test_prompt_completion_and_glaive_question_answer(jsonl):
+    fmt, rows, _ = _normalise(jsonl([{"prompt": "2+2?", "completion": "4"}]), "code")
+    assert fmt.name == "prompt_completion" and _turns(rows[0]) == [("user", "2+2?"), ("assistant", "4")]
+    fmt, rows, _ = _normalise(jsonl([{"question": "Reverse a list?", "answer": "xs[::-1]"}], "g.jsonl"), "code")
+    assert fmt.name == "question_answer" and rows[0]["completion"][0]["content"] == "xs[::-1]"
+
+
+def test_openai_messages_and_sharegpt(jsonl):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you"},
+    ]
+    fmt, rows, _ = _normalise(jsonl([{"messages": messages}]), "chat")
+    assert fmt.name == "messages"
+    assert rows[0]["prompt"] == messages[:-1] and rows[0]["completion"] == [messages[-1]]
+    share = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    fmt, rows, _ = _normalise(jsonl([{"conversations": share}], "s.jsonl"), "chat")
+    assert fmt.name == "sharegpt" and _turns(rows[0]) == [("user", "Hi"), ("assistant", "Hello")]
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [("Paris", ["Paris"]), (["Paris", "paris, France"], ["Paris", "paris, France"]), ({"text": ["Paris"], "answer_start": [0]}, ["Paris"])],
+)
+def test_qa_answer_shapes(jsonl, answer, expected):
+    fmt, rows, _ = _normalise(
+        jsonl([{"context": "Paris is the capital of France.", "question": "Capital?", "answer": answer}]), "qa"
+    )
+    assert fmt.name == "qa" and rows[0]["references"] == expected
+    assert "Context:\nParis is the capital" in rows[0]["prompt"][-1]["content"]
+
+
+def test_rag_passages_and_ms_marco(jsonl):
+    fmt, rows, _ = _normalise(jsonl([{"context": ["first passage", "second passage"], "question": "Q?", "answer": "A."}]), "rag")
+    user = rows[0]["prompt"][-1]["content"]
+    assert fmt.name == "qa" and "[1] first passage" in user and "[2] second passage" in user
+    marco = {
+        "query": "what is x",
+        "passages": {"is_selected": [0, 1], "passage_text": ["p one", "p two"], "url": ["u1", "u2"]},
+        "answers": ["x is y"],
+        "wellFormedAnswers": [],
+    }
+    fmt, rows, _ = _normalise(jsonl([marco], "m.jsonl"), "rag")
+    assert fmt.name == "ms_marco" and rows[0]["completion"][0]["content"] == "x is y"
+
+
+def test_csv_and_parquet(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}])
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        fmt, rows, _ = _normalise(tmp_path / name)
+        assert fmt.name == "alpaca" and len(rows) == 2
+
+
+def test_directory_of_files_and_mixed_formats(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "a.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    (d / "b.jsonl").write_text(json.dumps({"instruction": "c", "output": "d"}) + "\n")
+    _, rows, _ = _normalise(d)
+    assert len(rows) == 2
+    (d / "c.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    with pytest.raises(DataError, match="mixes data formats"):
+        _normalise(d)
+
+
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        ("", ["empty"]),
+        (b"\xff\xfe bad bytes", ["not UTF-8"]),
+        ('{"instruction": "a", "output": "b"}\nnot json\n', ["invalid JSON", "line 2"]),
+        ('["a", "b"]\n', ["JSON object"]),
+    ],
+)
+def test_broken_files(tmp_path, content, needles):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(DataError) as err:
+        _normalise(path)
+    for needle in needles:
+        assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_csv_missing_column(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("instruction,input\nhello,\n")
+    with pytest.raises(DataError) as err:
+        _normalise(path)
+    assert "['input', 'instruction']" in str(err.value) and "output" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "conversation,needle",
+    [
+        ([{"role": "user", "content": "Hi"}], "no assistant turn"),
+        ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Yo"}], "'user' turn was expected"),
+        ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
+        ([{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], "messages[0].content"),
+    ],
+)
+def test_bad_conversations_name_the_turn(jsonl, conversation, needle):
+    with pytest.raises(DataError) as err:
+        _normalise(jsonl([{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}, {"messages": conversation}]), "chat")
+    assert needle in str(err.value) and "line 2" in str(err.value)
+
+
+def test_skip_bad_rows_counts_them(jsonl):
+    path = jsonl([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}, {"instruction": "e", "output": "f"}])
+    _, rows, skipped = _normalise(path, skip_bad_rows="true")
+    assert len(rows) == 2 and skipped == 1
+
+
+def test_split_is_deterministic_and_disjoint():
+    rows = [{"id": i} for i in range(50)]
+    train, evaluation = split_rows(rows, 0.2, seed=3)
+    again_train, again_eval = split_rows(rows, 0.2, seed=3)
+    assert train == again_train and evaluation == again_eval
+    assert len(evaluation) == 10 and not {r["id"] for r in train} & {r["id"] for r in evaluation}
+    assert split_rows(rows, 0.2, seed=4)[1] != evaluation
+
+
+@pytest.mark.parametrize("kind", list(FineTuningType))
+def test_bundled_samples_have_100_rows_and_load_under_their_type(kind):
+    assert sample_path(kind).name == SAMPLE_FILES[kind]
+    lines = [line for line in sample_path(kind).read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) >= 100
+    config = load_config(None, [f"fine_tuning_type={kind.value}", "dataset_path=sample"])
+    raw = load_rows(kind, "sample")
+    _, rows, skipped = normalise_rows(raw, config)
+    assert len(rows) == len(lines) and skipped == 0
+
+
+def test_builtin_dataset_falls_back_to_sample_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = load_rows(FineTuningType.RAG, "")
+    assert raw.source == "sample:rag_fine_tuning"
+    assert any("microsoft/ms_marco" in note for note in raw.notes)
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        load_rows(FineTuningType.INSTRUCTION, "someone/dataset")
+    assert "someone/dataset" in str(err.value) and "dataset_path" in str(err.value)

@@ -1,0 +1,102 @@
+"""Tiny-model runs: every fine-tuning type trains on its bundled sample, and the pieces around it work."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from autotuning.config import FineTuningType, load_config
+from autotuning.job import run_job
+from autotuning.training import MetricsSink, read_metrics
+
+# QA and RAG prompts carry passages: the tiny tokenizer needs ~750 tokens for the longest.
+_SEQ = {FineTuningType.QA: 512, FineTuningType.RAG: 768}
+
+
+def _config(tmp_path, kind: FineTuningType, **extra):
+    sets = {
+        "fine_tuning_type": kind.value,
+        "dataset_path": "sample",
+        "output_dir": str(tmp_path / kind.value),
+        "max_seq_length": _SEQ.get(kind, 384),
+        "max_steps": 20,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 2,
+        "save_steps": 10,
+        "eval_split": 0.1,
+    }
+    sets.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.mark.parametrize("kind", list(FineTuningType))
+def test_each_type_trains_on_its_sample(kind, tmp_path):
+    config = _config(tmp_path, kind)
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished" and result.global_step == 20
+    # LoRA B matrices start at zero: any non-zero value means the adapter learned something.
+    adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().sum()) > 0 for v in lora_b)
+    results = json.loads((result.run_dir / "eval_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and results["eval_tokens"] > 0
+    assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["f1"] <= 1.0
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["status"] == "finished"
+    assert run["exports"]["torch"]["max_abs_logit_diff"] <= 1e-4
+    events = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [e for e in events if e["type"] == "train" and math.isfinite(e["loss"])]
+
+
+def test_stop_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path):
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=16, save_steps=100, logging_steps=1, eval_split=0)
+    stop = threading.Event()
+    sink = MetricsSink()
+
+    class StopAt:
+        """Request a stop once step 6 has been logged (as a user pressing Stop would)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def emit(self, event):
+            self.inner.emit(event)
+            if event.get("step", 0) >= 6:
+                stop.set()
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    first = run_job(config, stop_event=stop, sink=StopAt(sink), show_progress=False)
+    assert first.status == "stopped"
+    stopped_step = first.global_step
+    assert 6 <= stopped_step < 16
+    run = json.loads((first.run_dir / "run.json").read_text())
+    assert run["status"] == "stopped"
+    checkpoint = first.run_dir / "checkpoints" / f"checkpoint-{stopped_step}"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (first.run_dir / "merged").exists()
+
+    resumed = run_job(config.replace(resume=True), show_progress=False)
+    assert resumed.status == "finished" and resumed.global_step == 16
+    steps = [e["step"] for e in read_metrics(resumed.run_dir / "metrics.jsonl") if e["type"] == "train"]
+    # One continuous curve: every step once, in order, across the stop.
+    assert steps == sorted(set(steps)) and steps[-1] == 16 and stopped_step + 1 in steps
+
+
+def test_full_fine_tune_exports_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, peft_type="none", max_steps=4, learning_rate=1e-3, eval_split=0)
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished"
+    assert not (result.run_dir / "adapter").exists()
+    model = AutoModelForCausalLM.from_pretrained(result.run_dir / "merged", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) > 0
