@@ -241,7 +241,7 @@ def _pretrain(model: torch.nn.Module, tokenizer) -> float:
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = float(out.loss)
+            loss = out.loss.item()
     finally:
         torch.set_num_threads(threads)
     model.eval()
