@@ -117,3 +117,34 @@ def save_eval_results(results: dict[str, Any], run_dir: Path, fmt: str) -> Path:
                 writer.writerow([key, value])
     tmp.replace(path)
     return path
+
+
+def evaluate_run(run_dir: str | Path, generations: int = 5, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Re-evaluate a finished run on its held-out rows (same deterministic split) and sample a few answers."""
+    from .data import prepare_data
+    from .inference import generate_reply, load_generation_model
+    from .modeling import load_tokenizer
+    from .runs import RunDir, load_run_config
+
+    run = RunDir(run_dir)
+    config = load_run_config(run.path)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    if data.eval is None:
+        from .errors import ConfigError
+
+        raise ConfigError("this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0")
+    model, gen_tokenizer = load_generation_model(str(run.path))
+    results = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
+    samples = []
+    for row in data.eval_rows[: max(0, generations)]:
+        samples.append(
+            {
+                "prompt": row["prompt"][-1]["content"],
+                "reference": row["completion"][0]["content"],
+                "prediction": generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens),
+            }
+        )
+    path = save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
+    run.update(eval_results=results)
+    return {"results": results, "samples": samples, "path": str(path)}

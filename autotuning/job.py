@@ -129,8 +129,8 @@ def run_job(
         truncate_metrics,
     )
 
-    stop_event = stop_event or threading.Event()
-    sink = sink or MetricsSink()
+    stop_event = stop_event if stop_event is not None else threading.Event()
+    sink = sink if sink is not None else MetricsSink()
     started = time.time()
     timings: dict[str, float] = {}
 
@@ -248,7 +248,11 @@ def run_job(
             exports: dict[str, Any] = {}
             if SaveFormat.TORCH in config.export.save_format:
                 exports["torch"] = export_torch(
-                    run, trained, tokenizer, loaded.path, is_peft=config.peft.peft_type is not PeftType.NONE
+                    run,
+                    tokenizer,
+                    loaded.path,
+                    is_peft=config.peft.peft_type is not PeftType.NONE,
+                    trained_model=trained,
                 )
                 log.info("export torch: %s (max |logit diff| %.2e)", run.merged, exports["torch"]["max_abs_logit_diff"])
             timings["export_s"] = round(time.time() - t0, 2)

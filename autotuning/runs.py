@@ -26,7 +26,15 @@ from typing import Any
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["RunDir", "resolve_run_dir", "library_versions", "default_run_name", "write_json_atomic"]
+__all__ = [
+    "RunDir",
+    "resolve_run_dir",
+    "library_versions",
+    "default_run_name",
+    "write_json_atomic",
+    "load_run_config",
+    "list_runs",
+]
 
 _LOCK = threading.Lock()
 
@@ -121,3 +129,47 @@ def resolve_run_dir(config: Config) -> RunDir:
     if not os.access(probe, os.W_OK):
         raise ConfigError("cannot write to output_dir (permission denied)", where, "choose a writable directory")
     return run
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a run was trained with (token from the environment; it is never saved)."""
+    from .config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError("not a run directory (no config.yaml)", str(run_dir), "pick a directory made by a training run")
+    return load_config(path, [f"output_dir={Path(run_dir)}", "resume=false"])
+
+
+def list_runs(output_root: str | Path, live_dirs: set[Path] | None = None) -> list[dict[str, Any]]:
+    """Runs under ``output_root``, newest first. A run recorded as running with no live job is 'interrupted'."""
+    root = Path(output_root)
+    if not root.is_dir():
+        return []
+    live = {p.resolve() for p in (live_dirs or set())}
+    rows = []
+    for child in root.iterdir():
+        run = RunDir(child)
+        if not child.is_dir() or not run.exists():
+            continue
+        data = run.read()
+        status = data.get("status", "unknown")
+        if status == "running" and child.resolve() not in live:
+            status = "interrupted"
+        results = data.get("eval_results") or {}
+        rows.append(
+            {
+                "name": child.name,
+                "path": str(child),
+                "status": status,
+                "model": data.get("model_name", ""),
+                "type": data.get("fine_tuning_type", ""),
+                "step": data.get("global_step"),
+                "eval_loss": results.get("eval_loss"),
+                "accuracy": results.get("accuracy"),
+                "f1": results.get("f1"),
+                "started_at": data.get("started_at", 0),
+            }
+        )
+    rows.sort(key=lambda r: r["started_at"] or 0, reverse=True)
+    return rows

@@ -24,6 +24,8 @@ from .loading import BUILTIN_HUB_DATASETS, SAMPLE_FILES, RawData, load_rows, sam
 
 __all__ = [
     "PreparedData",
+    "mask_segments",
+    "preview_rows",
     "prepare_data",
     "normalise_rows",
     "split_rows",
@@ -54,6 +56,7 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    lengths: list[int] = field(default_factory=list)  # untruncated token count of every row (train + eval)
 
 
 def normalise_rows(raw: RawData, config: Config) -> tuple[Format, list[dict], int]:
@@ -121,6 +124,7 @@ def encode_rows(tokenizer, rows: list[dict], max_seq_length: int, name: str):
     if stats.truncated:
         log.info("%s: %d rows had the end of their answer truncated to max_seq_length=%d", name, stats.truncated, max_seq_length)
     dataset = datasets.Dataset.from_list(kept) if kept else None
+    summary["lengths"] = stats.lengths
     return dataset, summary
 
 
@@ -153,6 +157,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     evaluation, eval_stats = (None, None)
     if eval_rows:
         evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval")
+    lengths = train_stats.pop("lengths") + (eval_stats.pop("lengths") if eval_stats else [])
     stats = {
         "source": raw.source,
         "format": fmt.name,
@@ -171,4 +176,41 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         stats=stats,
         notes=list(raw.notes),
         fingerprint=_fingerprint(rows),
+        lengths=lengths,
     )
+
+
+def mask_segments(tokenizer, example: dict, max_seq_length: int) -> list[tuple[str, bool]]:
+    """(text, trained) runs of one encoded example: what is masked and what the loss sees."""
+    enc = encode_example(tokenizer, example, max_seq_length)
+    segments: list[tuple[str, bool]] = []
+    run: list[int] = []
+    current = None
+    for token, trained in zip(enc.input_ids, enc.completion_mask):
+        if current is not None and bool(trained) != current:
+            segments.append((tokenizer.decode(run), current))
+            run = []
+        current = bool(trained)
+        run.append(token)
+    if run:
+        segments.append((tokenizer.decode(run), bool(current)))
+    return segments
+
+
+def preview_rows(rows: list[dict], limit: int = 20) -> list[dict[str, str]]:
+    """Normalised rows flattened for a table: system, conversation before the answer, user turn, answer."""
+    out = []
+    for row in rows[:limit]:
+        turns = row["prompt"]
+        system = turns[0]["content"] if turns and turns[0]["role"] == "system" else ""
+        history = [t for t in turns if t["role"] != "system"][:-1]
+        out.append(
+            {
+                "system": system,
+                "history": " | ".join(f"{t['role']}: {t['content'][:80]}" for t in history),
+                "user": turns[-1]["content"],
+                "answer": row["completion"][0]["content"],
+                "choices": " | ".join(row.get("choices") or []),
+            }
+        )
+    return out

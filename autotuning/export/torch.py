@@ -54,8 +54,12 @@ def _is_plain_fp32(model) -> bool:
     return all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def export_torch(run, trained_model, tokenizer, base_path: str, is_peft: bool) -> dict[str, Any]:
-    """Write ``adapter/`` (LoRA runs) and a verified ``merged/``; returns the figures for run.json."""
+def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=None) -> dict[str, Any]:
+    """Write ``adapter/`` (LoRA runs) and a verified ``merged/``; returns the figures for run.json.
+
+    ``trained_model`` is the model still in memory after training. Without it (exporting an earlier
+    run) the reference is the fp32 base with the saved adapter, or the last checkpoint of a full fine-tune.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,15 +69,18 @@ def export_torch(run, trained_model, tokenizer, base_path: str, is_peft: bool) -
     reference_kind = "trained model in memory"
     try:
         if is_peft:
-            adapter_tmp = run.path / ".adapter.tmp"
-            shutil.rmtree(adapter_tmp, ignore_errors=True)
-            trained_model.save_pretrained(adapter_tmp, safe_serialization=True)
-            tokenizer.save_pretrained(adapter_tmp)
-            shutil.rmtree(run.adapter, ignore_errors=True)
-            adapter_tmp.replace(run.adapter)
+            if trained_model is not None:
+                adapter_tmp = run.path / ".adapter.tmp"
+                shutil.rmtree(adapter_tmp, ignore_errors=True)
+                trained_model.save_pretrained(adapter_tmp, safe_serialization=True)
+                tokenizer.save_pretrained(adapter_tmp)
+                shutil.rmtree(run.adapter, ignore_errors=True)
+                adapter_tmp.replace(run.adapter)
+            if not (run.adapter / "adapter_config.json").is_file():
+                raise ExportError("the run has no trained adapter", str(run.adapter), "train the run to the end first")
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
             with_adapter = PeftModel.from_pretrained(base, str(run.adapter))
-            if not _is_plain_fp32(trained_model):
+            if trained_model is None or not _is_plain_fp32(trained_model):
                 # A quantized or half-precision trained model differs from any fp32 export by its own rounding;
                 # the merge itself is checked against the fp32 base + adapter, unmerged.
                 reference = PeftModel.from_pretrained(
@@ -82,6 +89,14 @@ def export_torch(run, trained_model, tokenizer, base_path: str, is_peft: bool) -
                 reference_kind = "fp32 base + adapter (unmerged)"
             merged = with_adapter.merge_and_unload()
         else:
+            if trained_model is None:
+                from ..training import last_checkpoint
+
+                checkpoint = last_checkpoint(run.checkpoints)
+                if checkpoint is None:
+                    raise ExportError("the run has no checkpoint to export", str(run.checkpoints), "train the run first")
+                trained_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+                reference, reference_kind = trained_model, f"checkpoint {checkpoint.name}"
             merged = trained_model
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -73,8 +73,15 @@ def build_trainer(
 ):
     from trl import SFTTrainer
 
+    from transformers.trainer_callback import PrinterCallback
+
+    if not show_progress:
+        # No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events.
+        import datasets
+
+        datasets.disable_progress_bars()
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -82,6 +89,9 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if not show_progress:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -1,0 +1,73 @@
+"""Start the autotuning web app: `python app.py` (local), `--share` (Colab), or as a Hugging Face Space."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="autotuning: fine-tune causal language models in the browser.")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="interface to listen on (env GRADIO_SERVER_NAME; 0.0.0.0 to serve other machines)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
+        help="port (env PORT or GRADIO_SERVER_PORT; default 7860)",
+    )
+    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link (Colab)")
+    parser.add_argument("--auth", metavar="USER:PASS", default=os.environ.get("AUTOTUNING_AUTH"), help="require this login (env AUTOTUNING_AUTH)")
+    parser.add_argument(
+        "--output-root",
+        default=os.environ.get("AUTOTUNING_OUTPUT_ROOT", "runs"),
+        help="directory where runs are saved and listed (env AUTOTUNING_OUTPUT_ROOT; default ./runs)",
+    )
+    return parser.parse_args(argv)
+
+
+def _warm_imports() -> None:
+    """Import the training stack in the background so the first Start does not wait for it."""
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            sys.exit("error: --auth expects user:password")
+        auth = (user, password)
+    if args.share and auth is None:
+        print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING)
+    threading.Thread(target=_warm_imports, daemon=True).start()
+
+    from ui import ASSETS, AppContext, build_app, theme
+
+    ctx = AppContext.create(args.output_root)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        theme=theme(),
+        css=(ASSETS / "style.css").read_text(encoding="utf-8"),
+        favicon_path=str(ASSETS / "logo.svg"),
+        allowed_paths=[str(ctx.output_root)],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The facade a UI talks to: ``start(config) -> Run`` runs the job in a background thread.
+
+One job at a time per process: a second ``start`` while one runs raises :class:`BusyError` (a
+UserError with a clear message) and leaves the running job alone. A :class:`Run` is safe to poll
+from any thread: status, metric events since an index, the log tail, the error message.
+
+Example::
+
+    pipeline = Pipeline(output_root="runs")
+    run = pipeline.start(config)
+    events = run.events(0)        # poll with the count already drawn
+    run.stop()                    # ends at the next step, saves a checkpoint, status "stopped"
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import UserError
+from .runs import default_run_name
+from .training.metrics import MetricsSink, read_metrics
+
+__all__ = ["RunStatus", "Run", "Pipeline", "BusyError"]
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.STOPPING)
+
+
+class BusyError(UserError):
+    """A job is already running in this process."""
+
+
+class _ThreadLogHandler(logging.Handler):
+    """Collects log lines emitted by one thread (the job's) into a bounded deque."""
+
+    def __init__(self, thread_id: int, lines: deque):
+        super().__init__(level=logging.INFO)
+        self.thread_id = thread_id
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread_id or record.name.startswith("autotuning.trace"):
+            return
+        self.lines.append(self.format(record))
+
+
+class Run:
+    """One job: its config, status, metric events, log tail and error."""
+
+    def __init__(self, config: Config):
+        self.id = uuid.uuid4().hex[:8]
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        self.sink = MetricsSink()
+        self.stop_event = threading.Event()
+        self.log_lines: deque[str] = deque(maxlen=400)
+        self.error: str = ""
+        self.result: Any = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._status = RunStatus.QUEUED
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def status(self) -> RunStatus:
+        with self._lock:
+            return self._status
+
+    def _set_status(self, status: RunStatus) -> None:
+        with self._lock:
+            self._status = status
+
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    def stop(self) -> None:
+        """Ask the job to end at the next step boundary; it saves a checkpoint and ends as 'stopped'."""
+        self.stop_event.set()
+        with self._lock:
+            if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                self._status = RunStatus.STOPPING
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Metric events from index ``since`` on (the history survives page reloads: it lives here)."""
+        return self.sink.events(since)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self.log_lines)[-lines:])
+
+    def progress(self) -> dict[str, Any]:
+        """Step, max steps, elapsed and ETA from the latest training event."""
+        events = [e for e in self.sink.events(0) if e.get("type") in ("train", "eval")]
+        last = events[-1] if events else {}
+        elapsed = (self.finished_at or time.time()) - self.started_at if self.started_at else 0.0
+        step = last.get("step", 0)
+        if self.result is not None:  # after a stop the checkpoint step may be past the last logged one
+            step = max(step, self.result.global_step)
+        return {
+            "status": self.status.value,
+            "step": step,
+            "max_steps": last.get("max_steps", 0),
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": last.get("eta_s") if self.is_active() else 0.0,
+            "error": self.error,
+            "run_dir": str(self.run_dir),
+        }
+
+    # -- the thread -----------------------------------------------------------------
+
+    def _target(self) -> None:
+        from .job import run_job
+
+        handler = _ThreadLogHandler(threading.get_ident(), self.log_lines)
+        loggers = [logging.getLogger(n) for n in ("autotuning", "transformers", "trl")]
+        for lg in loggers:
+            lg.addHandler(handler)
+        self.started_at = time.time()
+        if self.status is RunStatus.QUEUED:
+            self._set_status(RunStatus.RUNNING)
+        try:
+            self.result = run_job(self.config, stop_event=self.stop_event, sink=self.sink, show_progress=False)
+            self._set_status(RunStatus.STOPPED if self.result.status == "stopped" else RunStatus.FINISHED)
+        except UserError as err:
+            self.error = err.message
+            self.log_lines.append(f"error: {err.message}")
+            self._set_status(RunStatus.FAILED)
+        except BaseException as exc:  # a bug: the message here, the traceback in train.log
+            self.error = f"internal error ({type(exc).__name__}: {exc}); the traceback is in {self.run_dir / 'train.log'}"
+            self.log_lines.append(f"error: {self.error}")
+            self._set_status(RunStatus.FAILED)
+        finally:
+            self.finished_at = time.time()
+            for lg in loggers:
+                lg.removeHandler(handler)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._target, name=f"autotuning-run-{self.id}", daemon=True)
+        self._thread.start()
+
+
+class Pipeline:
+    """Owns the one running job of this process and knows where runs live."""
+
+    def __init__(self, output_root: str | Path = "runs"):
+        self.output_root = Path(output_root)
+        self._lock = threading.Lock()
+        self._current: Run | None = None
+
+    @property
+    def current(self) -> Run | None:
+        with self._lock:
+            return self._current
+
+    def start(self, config: Config) -> Run:
+        """Launch the job in a background thread and return at once."""
+        with self._lock:
+            if self._current is not None and self._current.is_active():
+                raise BusyError(
+                    f"a training job is already running ({self._current.run_dir.name}, "
+                    f"{self._current.status.value})",
+                    "Train tab",
+                    "wait for it to finish or press Stop first; it was not disturbed",
+                )
+            if not config.run.output_dir:
+                config = config.replace(output_dir=str(self.output_root / default_run_name(config)))
+            run = Run(config)
+            self._current = run
+            run._start()
+            return run
+
+    def history(self, run_dir: str | Path) -> list[dict[str, Any]]:
+        """Metric events of any run: the live one from memory, others from their metrics.jsonl."""
+        current = self.current
+        if current is not None and Path(run_dir).resolve() == current.run_dir.resolve():
+            return current.events(0)
+        return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+    def is_live(self, run_dir: str | Path) -> bool:
+        current = self.current
+        return (
+            current is not None and current.is_active() and Path(run_dir).resolve() == current.run_dir.resolve()
+        )

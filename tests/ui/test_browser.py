@@ -1,0 +1,129 @@
+"""The user's main path in a real browser: configure, preview, train, stop, resume, export, chat."""
+
+from __future__ import annotations
+
+import re
+import time
+
+
+def _points(page) -> int:
+    title = page.locator("#loss-plot .gtitle")
+    if not title.count():
+        return 0
+    match = re.search(r"\((\d+) points\)", title.first.text_content() or "")
+    return int(match.group(1)) if match else 0
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _set(page, name: str, value: str) -> None:
+    box = page.locator(f"#cfg-{name} input, #cfg-{name} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _status(page) -> str:
+    return page.inner_text("#train-status")
+
+
+def test_main_path(page, shots):
+    # 1. Model & config: the tiny builtin model, enough steps to stop in the middle.
+    model = page.locator("#cfg-model_name input")
+    assert model.input_value() == "builtin:tiny-llama"
+    _set(page, "max_steps", "120")
+    _set(page, "run_name", "browser-main")
+    _wait(lambda: "valid" in page.inner_text("#config-validation"), 20, "the config to validate")
+    page.screenshot(path=str(shots / "config.png"), full_page=True)
+
+    # 2. Dataset: the bundled instruction sample, previewed with its histogram.
+    _tab(page, "Dataset")
+    page.get_by_label("Bundled sample", exact=True).check()
+    page.click("#preview-btn")
+    page.wait_for_selector("#length-histogram .js-plotly-plot")
+    summary = page.inner_text("#dataset-summary")
+    assert "alpaca" in summary and "120 read" in summary
+    assert page.locator("#mask-example-text .at-trained").count() >= 1
+    page.screenshot(path=str(shots / "dataset.png"), full_page=True)
+
+    # 3. Train: Start, watch the loss chart gain points.
+    _tab(page, "Train")
+    started = time.monotonic()
+    page.click("#start-btn")
+    _wait(lambda: _points(page) >= 1, 30, "the first loss point")
+    first_point_s = time.monotonic() - started
+    print(f"\nStart -> first loss point on the chart: {first_point_s:.2f} s")
+    assert first_point_s < 5.0
+    before = _points(page)
+    _wait(lambda: _points(page) > before + 2, 60, "more loss points while training runs")
+
+    # Stop: status 'stopped' and a checkpoint listed.
+    page.click("#stop-btn")
+    _wait(lambda: "stopped" in _status(page), 60, "status stopped")
+    _wait(lambda: "checkpoint-" in page.inner_text("#checkpoints"), 10, "a checkpoint in the list")
+    stopped_step = int(page.inner_text("#at-step"))
+    assert 0 < stopped_step < 120
+    page.screenshot(path=str(shots / "train_stopped.png"), full_page=True)
+
+    # Resume: the step counter continues from the checkpoint, then the run finishes.
+    page.click("#resume-btn")
+    _wait(lambda: int(page.inner_text("#at-step")) > stopped_step, 60, "the step counter to continue")
+    _wait(lambda: "finished" in _status(page), 180, "status finished")
+    assert int(page.inner_text("#at-step")) == 120
+    page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+    # 4. Export torch: verified.
+    _tab(page, "Export")
+    _wait(lambda: "browser-main" in page.locator("#export-run input").input_value(), 20, "the run to be selected")
+    page.click("#export-btn")
+    _wait(lambda: "verified" in page.inner_text("#export-summary"), 120, "the export to be verified")
+    assert "model.safetensors" in page.inner_text("#export-files")
+    page.screenshot(path=str(shots / "export.png"), full_page=True)
+
+    # 5. Chat once: both the tuned and the base model answer.
+    _tab(page, "Chat")
+    _wait(lambda: "browser-main" in page.locator("#chat-run input").input_value(), 20, "the run to be selected")
+    page.fill("#chat-message textarea", "Name three primary colours.")
+    page.click("#chat-send")
+    for pane in ("#chat-tuned", "#chat-base"):
+        _wait(lambda pane=pane: page.locator(f"{pane} [data-testid='bot']").count() >= 1, 120, f"a reply in {pane}")
+    assert "Name three primary colours." in page.inner_text("#chat-tuned")
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+    # 6. Evaluate and Runs tabs render the finished run.
+    _tab(page, "Evaluate")
+    _wait(lambda: "browser-main" in page.locator("#eval-run input").input_value(), 20, "the run to be selected")
+    page.click("#eval-btn")
+    _wait(lambda: "perplexity" in page.inner_text("#eval-metrics"), 120, "evaluation metrics")
+    page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
+    _tab(page, "Runs")
+    _wait(lambda: "browser-main" in page.inner_text("#runs-table"), 20, "the run in the runs table")
+    assert "finished" in page.inner_text("#runs-table")
+    page.screenshot(path=str(shots / "runs.png"), full_page=True)
+
+
+def test_reload_redraws_the_whole_curve(page, app_url):
+    _set(page, "max_steps", "400")
+    _set(page, "run_name", "browser-reload")
+    _tab(page, "Train")
+    page.click("#start-btn")
+    _wait(lambda: _points(page) >= 4, 60, "a few loss points")
+    seen = _points(page)
+    page.reload()
+    page.wait_for_selector("#cfg-max_steps input")
+    _tab(page, "Train")
+    _wait(lambda: _points(page) >= seen, 15, "the chart to redraw every point logged before the reload")
+    assert "browser-reload" in _status(page)
+    page.click("#stop-btn")
+    _wait(lambda: "stopped" in _status(page), 60, "the run to stop")

@@ -1,0 +1,75 @@
+"""The Gradio app: one module per tab over the autotuning pipeline facade."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from . import chat_tab, config_tab, dataset_tab, evaluate_tab, export_tab, runs_tab, train_tab
+from .context import AppContext
+
+__all__ = ["build_app", "AppContext", "ASSETS", "theme"]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky")
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    """Build every tab, then wire events (wiring needs components from several tabs)."""
+    form: dict = {}
+    with gr.Blocks(title="autotuning") as demo:
+        logo = (ASSETS / "logo.svg").read_text(encoding="utf-8")
+        gr.HTML(
+            f'<div class="at-header">{logo}<div><h1>autotuning</h1>'
+            "<p>Fine-tune causal language models with LoRA: data, training, evaluation, verified exports.</p></div></div>"
+        )
+        with gr.Tabs():
+            with gr.Tab("Model & config", id="config"):
+                config_parts = config_tab.build(ctx, form)
+            with gr.Tab("Dataset", id="dataset"):
+                dataset_parts = dataset_tab.build(ctx, form)
+            with gr.Tab("Train", id="train"):
+                train_parts = train_tab.build(ctx, form)
+            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab_ui:
+                evaluate_parts = evaluate_tab.build(ctx)
+            with gr.Tab("Export", id="export") as export_tab_ui:
+                export_parts = export_tab.build(ctx)
+            with gr.Tab("Chat", id="chat") as chat_tab_ui:
+                chat_parts = chat_tab.build(ctx)
+            with gr.Tab("Runs", id="runs") as runs_tab_ui:
+                runs_parts = runs_tab.build(ctx)
+        for name, component in form.items():  # stable ids for browser tests and custom CSS
+            if not isinstance(component, gr.State) and not component.elem_id:
+                component.elem_id = f"cfg-{name}"
+        config_tab.wire(ctx, form, config_parts)
+        dataset_tab.wire(ctx, form, dataset_parts)
+        train_tab.wire(ctx, form, train_parts)
+        evaluate_tab.wire(ctx, evaluate_parts)
+        export_tab.wire(ctx, export_parts)
+        chat_tab.wire(ctx, chat_parts)
+        runs_tab.wire(ctx, runs_parts)
+
+        # A (re)loaded page shows fresh run lists.
+        def refresh_lists():
+            finished = gr.update(choices=ctx.run_choices(finished_only=True))
+            return finished, finished, finished, runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())
+
+        # Opening a tab refreshes its run list and picks the newest finished run if none is chosen.
+        def finished_runs(current):
+            choices = ctx.run_choices(finished_only=True)
+            paths = [path for _, path in choices]
+            return gr.update(choices=choices, value=current if current in paths else (paths[0] if paths else None))
+
+        for tab, parts in ((evaluate_tab_ui, evaluate_parts), (export_tab_ui, export_parts), (chat_tab_ui, chat_parts)):
+            tab.select(finished_runs, inputs=parts["run"], outputs=parts["run"])
+        runs_tab_ui.select(lambda: (runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())), outputs=[runs_parts["table"], runs_parts["pick"]])
+        config_tab.validate_on_load(demo, ctx, form, config_parts)
+        demo.load(
+            refresh_lists,
+            outputs=[evaluate_parts["run"], export_parts["run"], chat_parts["run"], runs_parts["table"], runs_parts["pick"]],
+        )
+    return demo

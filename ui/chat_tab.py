@@ -1,0 +1,78 @@
+"""Tab 6: talk to the fine-tuned model and, side by side, its base model on the same prompt."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from autotuning.errors import UserError
+from autotuning.inference import generate_reply
+from autotuning.runs import load_run_config
+
+from .context import AppContext
+
+__all__ = ["build", "wire", "reply_both"]
+
+
+def build(ctx: AppContext) -> dict:
+    parts: dict = {}
+    with gr.Row():
+        parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Fine-tuned run", elem_id="chat-run", scale=4)
+        parts["refresh"] = gr.Button("↻ Refresh", scale=1)
+    gr.Markdown(
+        "Both replies use the tokenizer's chat template. The builtin tiny models have ~1M parameters: their "
+        "replies are noise and only show that the pipeline works end to end."
+    )
+    with gr.Row():
+        parts["tuned"] = gr.Chatbot(label="Fine-tuned", height=320, elem_id="chat-tuned")
+        parts["base"] = gr.Chatbot(label="Base model", height=320, elem_id="chat-base")
+    with gr.Row():
+        parts["message"] = gr.Textbox(label="Message", placeholder="Ask something…", scale=5, elem_id="chat-message")
+        parts["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+    with gr.Row():
+        parts["max_new_tokens"] = gr.Slider(8, 512, value=64, step=8, label="Max new tokens")
+        parts["temperature"] = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        parts["clear"] = gr.Button("Clear")
+    return parts
+
+
+def reply_both(ctx: AppContext, run_dir: str, message: str, tuned_history: list, base_history: list, max_new_tokens: int, temperature: float):
+    """Append the user's message and each model's reply to both histories."""
+    config = load_run_config(run_dir)
+    out = []
+    for source, history in ((run_dir, tuned_history), (config.model.model_name, base_history)):
+        model, tokenizer = ctx.models.get(source)
+        messages = [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": message}]
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+        out.append(history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply or "(empty reply)"}])
+    return out[0], out[1]
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # gradio may hand back [{"type": "text", "text": ...}]
+        return " ".join(c.get("text", "") if isinstance(c, dict) else str(c) for c in content)
+    return str(content)
+
+
+def wire(ctx: AppContext, parts: dict) -> None:
+    parts["refresh"].click(lambda: gr.update(choices=ctx.run_choices(finished_only=True)), outputs=parts["run"])
+
+    def on_send(run_dir, message, tuned, base, max_new_tokens, temperature):
+        if not run_dir:
+            raise gr.Error("Pick a finished run first.")
+        if not (message or "").strip():
+            raise gr.Error("Type a message.")
+        tuned = [{"role": m["role"], "content": _text(m["content"])} for m in (tuned or [])]
+        base = [{"role": m["role"], "content": _text(m["content"])} for m in (base or [])]
+        try:
+            tuned, base = reply_both(ctx, run_dir, message.strip(), tuned, base, int(max_new_tokens), float(temperature))
+        except UserError as err:
+            raise gr.Error(err.message) from None
+        return tuned, base, ""
+
+    inputs = [parts["run"], parts["message"], parts["tuned"], parts["base"], parts["max_new_tokens"], parts["temperature"]]
+    outputs = [parts["tuned"], parts["base"], parts["message"]]
+    parts["send"].click(on_send, inputs=inputs, outputs=outputs)
+    parts["message"].submit(on_send, inputs=inputs, outputs=outputs)
+    parts["clear"].click(lambda: ([], []), outputs=[parts["tuned"], parts["base"]])

@@ -1,0 +1,186 @@
+"""Tab 1: model and training options, YAML load/save, the equivalent CLI command, inline validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from autotuning.config import (
+    Config,
+    EvalSaveFormat,
+    FineTuningType,
+    PeftType,
+    Precision,
+    Quantization,
+    SchedulerType,
+    field_help,
+    load_config,
+    quickstart_overrides,
+)
+from autotuning.errors import UserError
+from autotuning.modeling import BUILTIN_MODELS, BUILTIN_PREFIX
+
+from .context import AppContext
+from .form import FORM_FIELDS, cli_command, config_to_form, validate_form
+
+__all__ = ["build", "wire", "validate_on_load", "initial_config"]
+
+MODEL_CHOICES = [BUILTIN_PREFIX + name for name in BUILTIN_MODELS] + [
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "meta-llama/Llama-3.2-1B-Instruct",
+]
+
+
+def initial_config() -> Config:
+    """The form starts on the offline quickstart, so Start works on a fresh machine."""
+    return load_config(None, defaults=quickstart_overrides())
+
+
+def _info(name: str) -> str:
+    return field_help(name)
+
+
+def build(ctx: AppContext, form: dict) -> dict:
+    cfg = initial_config()
+    v = cfg.to_flat_dict()
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### Model")
+            form["model_name"] = gr.Dropdown(
+                MODEL_CHOICES, value=v["model_name"], allow_custom_value=True, label="Model", info=_info("model_name")
+            )
+            with gr.Row():
+                form["fine_tuning_type"] = gr.Dropdown(
+                    FineTuningType.values(), value=v["fine_tuning_type"], label="Fine-tuning type", info=_info("fine_tuning_type")
+                )
+                form["quantization"] = gr.Dropdown(
+                    Quantization.values(), value=v["quantization"], label="Quantization", info=_info("quantization")
+                )
+                form["peft_type"] = gr.Dropdown(PeftType.values(), value=v["peft_type"], label="PEFT type", info=_info("peft_type"))
+            form["hf_token"] = gr.Textbox(
+                label="Hugging Face token", type="password", value="", placeholder="hf_... (optional; never saved)",
+                info=_info("hf_token"),
+            )
+            form["trust_remote_code"] = gr.Checkbox(value=v["trust_remote_code"], label="Trust remote code", info=_info("trust_remote_code"))
+            gr.Markdown("### LoRA")
+            with gr.Row():
+                form["lora_r"] = gr.Number(value=v["lora_r"], precision=0, label="LoRA r", info=_info("lora_r"))
+                form["lora_alpha"] = gr.Number(value=v["lora_alpha"], precision=0, label="LoRA alpha", info=_info("lora_alpha"))
+                form["lora_dropout"] = gr.Number(value=v["lora_dropout"], label="LoRA dropout", info=_info("lora_dropout"))
+            form["lora_target_modules"] = gr.Textbox(
+                value=", ".join(v["lora_target_modules"]), label="LoRA target modules", info=_info("lora_target_modules")
+            )
+        with gr.Column(scale=3):
+            gr.Markdown("### Training")
+            with gr.Row():
+                form["max_steps"] = gr.Number(value=v["max_steps"], precision=0, label="Max steps", info=_info("max_steps"))
+                form["num_train_epochs"] = gr.Number(value=v["num_train_epochs"], label="Epochs", info=_info("num_train_epochs"))
+                form["learning_rate"] = gr.Number(value=v["learning_rate"], label="Learning rate", info=_info("learning_rate"))
+            with gr.Row():
+                form["per_device_train_batch_size"] = gr.Number(
+                    value=v["per_device_train_batch_size"], precision=0, label="Batch size", info=_info("per_device_train_batch_size")
+                )
+                form["gradient_accumulation_steps"] = gr.Number(
+                    value=v["gradient_accumulation_steps"], precision=0, label="Gradient accumulation",
+                    info=_info("gradient_accumulation_steps"),
+                )
+                form["max_seq_length"] = gr.Number(value=v["max_seq_length"], precision=0, label="Max sequence length", info=_info("max_seq_length"))
+            with gr.Row():
+                form["warmup_ratio"] = gr.Number(value=v["warmup_ratio"], label="Warm-up ratio", info=_info("warmup_ratio"))
+                form["lr_scheduler_type"] = gr.Dropdown(
+                    SchedulerType.values(), value=v["lr_scheduler_type"], label="LR schedule", info=_info("lr_scheduler_type")
+                )
+                form["precision"] = gr.Dropdown(Precision.values(), value=v["precision"], label="Precision", info=_info("precision"))
+            with gr.Row():
+                form["eval_split"] = gr.Number(value=v["eval_split"], label="Eval split", info=_info("eval_split"))
+                form["eval_steps"] = gr.Number(value=v["eval_steps"], precision=0, label="Eval every N steps", info=_info("eval_steps"))
+                form["logging_steps"] = gr.Number(value=v["logging_steps"], precision=0, label="Log every N steps", info=_info("logging_steps"))
+            with gr.Row():
+                form["save_steps"] = gr.Number(value=v["save_steps"], precision=0, label="Checkpoint every N steps", info=_info("save_steps"))
+                form["seed"] = gr.Number(value=v["seed"], precision=0, label="Seed", info=_info("seed"))
+            with gr.Row():
+                form["packing"] = gr.Checkbox(value=v["packing"], label="Packing (padding-free)", info=_info("packing"))
+                form["gradient_checkpointing"] = gr.Checkbox(
+                    value=v["gradient_checkpointing"], label="Gradient checkpointing", info=_info("gradient_checkpointing")
+                )
+            gr.Markdown("### Outputs")
+            with gr.Row():
+                form["save_format"] = gr.CheckboxGroup(
+                    ["torch"], value=["torch"], label="Export formats",
+                    info="torch now; tensorflow and gguf are not available in this version yet",
+                )
+                form["eval_save_format"] = gr.Radio(
+                    EvalSaveFormat.values(), value=v["eval_save_format"], label="Eval results file", info=_info("eval_save_format")
+                )
+            form["run_name"] = gr.Textbox(
+                label="Run name", placeholder="empty = <timestamp>-<type>",
+                info=f"Folder under the output root ({ctx.output_root}) where the run is saved.",
+            )
+    parts: dict = {}
+    parts["validation"] = gr.Markdown(elem_id="config-validation")
+    with gr.Accordion("Config as YAML / command line", open=False):
+        with gr.Row():
+            parts["save_yaml"] = gr.Button("Save config as YAML")
+            parts["yaml_file"] = gr.File(label="config.yaml", interactive=False, height=80)
+            parts["load_yaml"] = gr.UploadButton("Load config from YAML", file_types=[".yaml", ".yml"], type="filepath")
+        parts["cli"] = gr.Code(label="Equivalent command", language="shell", interactive=False, elem_id="cli-command")
+    return parts
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _values(args) -> dict:
+    return dict(zip(FORM_FIELDS, args))
+
+
+def _on_change(ctx: AppContext):
+    def on_change(*args):
+        config, message = validate_form(_values(args), ctx.output_root)
+        if config is None:
+            return f"⚠️ **Not valid yet:** {message}", gr.update()
+        return "✅ Config is valid.", cli_command(config)
+
+    return on_change
+
+
+def validate_on_load(demo: gr.Blocks, ctx: AppContext, form: dict, parts: dict) -> None:
+    demo.load(_on_change(ctx), inputs=[form[n] for n in FORM_FIELDS], outputs=[parts["validation"], parts["cli"]])
+
+
+def wire(ctx: AppContext, form: dict, parts: dict) -> None:
+    inputs = [form[name] for name in FORM_FIELDS]
+    on_change = _on_change(ctx)
+
+    for name in FORM_FIELDS:
+        component = form[name]
+        if hasattr(component, "change") and not isinstance(component, gr.State):
+            component.change(on_change, inputs=inputs, outputs=[parts["validation"], parts["cli"]], show_progress="hidden")
+
+    def on_save(*args):
+        config, message = validate_form(_values(args), ctx.output_root)
+        if config is None:
+            raise gr.Error(message)
+        path = ctx.workspace / "config.yaml"
+        config.save_yaml(path)
+        return str(path)
+
+    parts["save_yaml"].click(on_save, inputs=inputs, outputs=parts["yaml_file"])
+
+    def on_load(path):
+        try:
+            config = load_config(path)
+        except UserError as err:
+            raise gr.Error(err.message) from None
+        values = config_to_form(config)
+        updates = []
+        for name in FORM_FIELDS:
+            if isinstance(form[name], gr.State):
+                updates.append(values.get(name, form[name].value))
+            else:
+                updates.append(gr.update(value=values[name]) if name in values else gr.update())
+        return updates
+
+    parts["load_yaml"].upload(on_load, inputs=parts["load_yaml"], outputs=inputs)

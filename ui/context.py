@@ -1,0 +1,43 @@
+"""What every tab shares: the pipeline (the one job), where runs live, and the model cache.
+
+Shared job state lives here, in objects the app creates once, never in module globals; each
+browser session's own state lives in gr.State.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autotuning.inference import ModelCache
+from autotuning.pipeline import Pipeline
+from autotuning.runs import list_runs
+
+__all__ = ["AppContext"]
+
+
+@dataclass
+class AppContext:
+    pipeline: Pipeline
+    output_root: Path
+    workspace: Path
+    models: ModelCache = field(default_factory=ModelCache)
+
+    @classmethod
+    def create(cls, output_root: str | Path) -> AppContext:
+        root = Path(output_root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        workspace = root / ".workspace"
+        workspace.mkdir(exist_ok=True)
+        return cls(pipeline=Pipeline(root), output_root=root, workspace=workspace)
+
+    def runs(self) -> list[dict]:
+        current = self.pipeline.current
+        live = {current.run_dir} if current is not None and current.is_active() else set()
+        return list_runs(self.output_root, live)
+
+    def run_choices(self, finished_only: bool = False) -> list[tuple[str, str]]:
+        rows = self.runs()
+        if finished_only:
+            rows = [r for r in rows if r["status"] == "finished"]
+        return [(f"{r['name']} ({r['status']})", r["path"]) for r in rows]

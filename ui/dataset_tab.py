@@ -1,0 +1,105 @@
+"""Tab 2: choose the data, preview it normalised, see token lengths, truncation and the loss mask."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from autotuning.config import field_help
+from autotuning.data import mask_segments, prepare_data, preview_rows
+from autotuning.errors import UserError
+from autotuning.modeling import load_tokenizer
+
+from .charts import length_histogram
+from .context import AppContext
+from .form import DATASET_SOURCES, FORM_FIELDS, SOURCE_HUB, SOURCE_SAMPLE, SOURCE_UPLOAD, form_to_config, stage_upload
+
+__all__ = ["build", "wire", "inspect_form"]
+
+
+def build(ctx: AppContext, form: dict) -> dict:
+    parts: dict = {}
+    with gr.Row():
+        with gr.Column(scale=2):
+            form["dataset_source"] = gr.Radio(DATASET_SOURCES, value=SOURCE_SAMPLE, label="Dataset", elem_id="dataset-source")
+            form["hub_dataset"] = gr.Textbox(label="Hub dataset id", placeholder="e.g. yahma/alpaca-cleaned", visible=False)
+            parts["upload_file"] = gr.File(
+                label="Upload .json / .jsonl / .csv / .parquet", file_types=[".json", ".jsonl", ".csv", ".parquet"],
+                type="filepath", visible=False,
+            )
+            form["upload"] = gr.State(None)
+            with gr.Row():
+                form["dataset_config"] = gr.Textbox(label="Hub config", info=field_help("dataset_config"))
+                form["dataset_split"] = gr.Textbox(value="train", label="Hub split", info=field_help("dataset_split"))
+            with gr.Row():
+                form["max_samples"] = gr.Number(value=0, precision=0, label="Max rows", info=field_help("max_samples"))
+                form["skip_bad_rows"] = gr.Checkbox(value=False, label="Skip bad rows", info=field_help("skip_bad_rows"))
+            form["system_prompt"] = gr.Textbox(label="System prompt", lines=2, info=field_help("system_prompt"))
+            parts["preview_btn"] = gr.Button("Preview dataset", variant="primary", elem_id="preview-btn")
+        with gr.Column(scale=3):
+            parts["summary"] = gr.Markdown(elem_id="dataset-summary")
+            parts["histogram"] = gr.Plot(label="Token lengths", elem_id="length-histogram")
+    parts["table"] = gr.Dataframe(label="Rows in the normalised schema (first 20)", wrap=True, max_height=360, elem_id="dataset-table")
+    parts["example"] = gr.HTML(elem_id="mask-example")
+    return parts
+
+
+def inspect_form(values: dict, ctx: AppContext):
+    """The preview for the current form: summary markdown, histogram, table, example HTML."""
+    config = form_to_config(values, ctx.output_root)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    train, evaluation = data.stats["train"], data.stats["eval"] or {}
+    truncated = train["truncated_rows"] + evaluation.get("truncated_rows", 0)
+    lost = train["answer_lost_rows"] + evaluation.get("answer_lost_rows", 0)
+    lines = [
+        f"**Source:** `{data.source}`  ",
+        f"**Detected format:** `{data.format}` for `{config.data.fine_tuning_type.value}`  ",
+        f"**Rows:** {data.stats['rows_read']} read, {data.stats['rows_skipped']} skipped, "
+        f"{len(data.train_rows)} train / {len(data.eval_rows)} eval  ",
+        f"**Tokens per row:** median {train['median_tokens']}, p95 {train['p95_tokens']}, max {train['max_tokens']}  ",
+        f"**At max_seq_length {config.data.max_seq_length}:** {truncated} rows truncated (end of answer cut), "
+        f"{lost} rows would lose their whole answer (dropped)",
+    ]
+    lines += [f"\n> {note}" for note in data.notes]
+    figure = length_histogram(data.lengths, config.data.max_seq_length)
+    table = pd.DataFrame(preview_rows(data.train_rows, 20))
+    table = table[[c for c in table.columns if table[c].astype(bool).any()]]  # hide columns empty for this format
+    table = table.map(lambda v: v if len(v) <= 400 else v[:400] + " …")
+    example = data.train_rows[0]
+    spans = []
+    for text, trained in mask_segments(tokenizer, example, config.data.max_seq_length):
+        css = "at-trained" if trained else "at-masked"
+        spans.append(f'<span class="{css}">{html.escape(text)}</span>')
+    example_html = (
+        '<div class="at-example-legend"><span class="at-masked">masked prompt tokens (no loss)</span> '
+        '<span class="at-trained">trained answer tokens</span></div>'
+        f'<pre class="at-example" id="mask-example-text">{"".join(spans)}</pre>'
+    )
+    return "\n".join(lines), figure, table, example_html
+
+
+def wire(ctx: AppContext, form: dict, parts: dict) -> None:
+    def on_source(source):
+        return gr.update(visible=source == SOURCE_HUB), gr.update(visible=source == SOURCE_UPLOAD)
+
+    form["dataset_source"].change(on_source, inputs=form["dataset_source"], outputs=[form["hub_dataset"], parts["upload_file"]])
+
+    def on_upload(path):
+        return stage_upload(path, ctx.workspace)
+
+    parts["upload_file"].change(on_upload, inputs=parts["upload_file"], outputs=form["upload"])
+
+    def on_preview(*args):
+        try:
+            return inspect_form(dict(zip(FORM_FIELDS, args)), ctx)
+        except UserError as err:
+            return f"⚠️ **Cannot read the dataset:** {err.message}", None, None, ""
+
+    parts["preview_btn"].click(
+        on_preview,
+        inputs=[form[name] for name in FORM_FIELDS],
+        outputs=[parts["summary"], parts["histogram"], parts["table"], parts["example"]],
+    )

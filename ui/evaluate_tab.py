@@ -1,0 +1,46 @@
+"""Tab 4: evaluate a finished run on its held-out rows; answers next to references; download results."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from autotuning.errors import UserError
+from autotuning.evaluation import evaluate_run
+
+from .context import AppContext
+
+__all__ = ["build", "wire"]
+
+
+def build(ctx: AppContext) -> dict:
+    parts: dict = {}
+    with gr.Row():
+        parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Run", elem_id="eval-run", scale=4)
+        parts["refresh"] = gr.Button("↻ Refresh", scale=1)
+        parts["generations"] = gr.Slider(0, 20, value=5, step=1, label="Generated answers to show", scale=2)
+    parts["go"] = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
+    parts["metrics"] = gr.Dataframe(headers=["metric", "value"], label="Metrics (answer tokens, shifted)", elem_id="eval-metrics")
+    parts["samples"] = gr.Dataframe(headers=["prompt", "reference", "prediction"], label="Generated answers vs references", wrap=True, elem_id="eval-samples")
+    parts["file"] = gr.File(label="eval_results", interactive=False)
+    return parts
+
+
+def wire(ctx: AppContext, parts: dict) -> None:
+    parts["refresh"].click(lambda: gr.update(choices=ctx.run_choices(finished_only=True)), outputs=parts["run"])
+
+    def on_evaluate(run_dir, generations, progress=gr.Progress()):
+        if not run_dir:
+            raise gr.Error("Pick a finished run first.")
+        progress(0.1, desc="evaluating the held-out rows")
+        try:
+            report = evaluate_run(run_dir, generations=int(generations))
+        except UserError as err:
+            raise gr.Error(err.message) from None
+        results = report["results"]
+        metrics = pd.DataFrame(
+            [{"metric": k, "value": round(v, 6) if isinstance(v, float) else v} for k, v in results.items()]
+        )
+        return metrics, pd.DataFrame(report["samples"]), report["path"]
+
+    parts["go"].click(on_evaluate, inputs=[parts["run"], parts["generations"]], outputs=[parts["metrics"], parts["samples"], parts["file"]])

@@ -1,0 +1,180 @@
+"""Widget values <-> typed Config, in one place.
+
+Every tab registers its config widgets under the config field name they edit (plus a few UI-only
+names: ``run_name``, ``dataset_source``, ``hub_dataset``, ``upload``). Handlers receive the values
+in :data:`FORM_FIELDS` order and call :func:`form_to_config`; nothing else parses widget values.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from autotuning.config import Config, ConfigError, config_from_dict
+
+__all__ = [
+    "FORM_FIELDS",
+    "DATASET_SOURCES",
+    "form_to_config",
+    "config_to_form",
+    "cli_command",
+    "validate_form",
+    "stage_upload",
+]
+
+# Dataset source choices shown in the Dataset tab.
+SOURCE_BUILTIN = "Built-in dataset for the type (bundled sample when offline)"
+SOURCE_SAMPLE = "Bundled sample"
+SOURCE_HUB = "Hub dataset id"
+SOURCE_UPLOAD = "Upload a file"
+DATASET_SOURCES = [SOURCE_SAMPLE, SOURCE_BUILTIN, SOURCE_HUB, SOURCE_UPLOAD]
+
+# Config fields edited in the UI, in the order handlers receive them, followed by UI-only fields.
+CONFIG_FIELDS = [
+    "model_name",
+    "trust_remote_code",
+    "hf_token",
+    "fine_tuning_type",
+    "quantization",
+    "peft_type",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_ratio",
+    "lr_scheduler_type",
+    "max_seq_length",
+    "eval_split",
+    "eval_steps",
+    "logging_steps",
+    "save_steps",
+    "seed",
+    "packing",
+    "precision",
+    "gradient_checkpointing",
+    "save_format",
+    "eval_save_format",
+    "dataset_config",
+    "dataset_split",
+    "max_samples",
+    "system_prompt",
+    "skip_bad_rows",
+]
+UI_FIELDS = ["run_name", "dataset_source", "hub_dataset", "upload"]
+FORM_FIELDS = CONFIG_FIELDS + UI_FIELDS
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+def _run_dir(run_name: str, output_root: Path) -> str:
+    name = (run_name or "").strip()
+    if not name:
+        return ""  # the pipeline picks runs/<timestamp>-<type>
+    if not _RUN_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"run name {name!r} is not a plain folder name",
+            "field 'run name'",
+            "use letters, digits, '.', '-' or '_' (the run is saved under the output root)",
+        )
+    return str(output_root / name)
+
+
+def _dataset_path(source: str, hub_id: str, upload: str | None) -> str:
+    if source == SOURCE_SAMPLE:
+        return "sample"
+    if source == SOURCE_BUILTIN:
+        return ""
+    if source == SOURCE_HUB:
+        if not (hub_id or "").strip():
+            raise ConfigError("no Hub dataset id given", "field 'Hub dataset id'", "type an id such as yahma/alpaca-cleaned")
+        return hub_id.strip()
+    if source == SOURCE_UPLOAD:
+        if not upload:
+            raise ConfigError("no file uploaded", "Dataset tab", "upload a .json, .jsonl, .csv or .parquet file")
+        return str(upload)
+    raise ConfigError(f"unknown dataset source {source!r}", "Dataset tab", f"pick one of: {', '.join(DATASET_SOURCES)}")
+
+
+def form_to_config(values: dict[str, Any], output_root: str | Path) -> Config:
+    """The one conversion from widget values to a validated Config (raises ConfigError with the field)."""
+    data: dict[str, Any] = {}
+    for name in CONFIG_FIELDS:
+        if name not in values:
+            continue
+        value = values[name]
+        if name == "lora_target_modules" and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if name == "save_format" and not value:
+            raise ConfigError("no export format selected", "field 'save_format'", "tick at least torch")
+        if value is None:
+            continue  # an emptied number box: keep the default
+        data[name] = value
+    data["dataset_path"] = _dataset_path(values.get("dataset_source", SOURCE_SAMPLE), values.get("hub_dataset", ""), values.get("upload"))
+    data["output_dir"] = _run_dir(values.get("run_name", ""), Path(output_root))
+    return config_from_dict(data, where="form")
+
+
+def config_to_form(config: Config) -> dict[str, Any]:
+    """Widget values for a Config (used when a YAML file is loaded). The token is never put back."""
+    flat = config.to_flat_dict(redact=True)
+    values: dict[str, Any] = {name: flat[name] for name in CONFIG_FIELDS if name in flat}
+    values["lora_target_modules"] = ", ".join(flat["lora_target_modules"])
+    path = config.data.dataset_path
+    if path == "sample":
+        values.update(dataset_source=SOURCE_SAMPLE, hub_dataset="")
+    elif not path:
+        values.update(dataset_source=SOURCE_BUILTIN, hub_dataset="")
+    elif Path(path).exists():
+        values.update(dataset_source=SOURCE_UPLOAD, hub_dataset="", upload=path)
+    else:
+        values.update(dataset_source=SOURCE_HUB, hub_dataset=path)
+    values["run_name"] = Path(config.run.output_dir).name if config.run.output_dir else ""
+    return values
+
+
+def cli_command(config: Config) -> str:
+    """The equivalent ``python -m autotuning train`` line: every option that differs from the defaults."""
+    import shlex
+
+    defaults = Config().to_flat_dict()
+    parts = ["python -m autotuning train"]
+    for key, value in config.to_flat_dict(redact=True).items():
+        if defaults.get(key) == value:
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        parts.append(f"--set {shlex.quote(f'{key}={value}')}")
+    if config.model.hf_token:
+        parts.insert(0, "HF_TOKEN=...")  # the token is never echoed
+    return " \\\n    ".join(parts)
+
+
+def validate_form(values: dict[str, Any], output_root: str | Path) -> tuple[Config | None, str]:
+    """(config, '') when valid, else (None, the message to show inline)."""
+    try:
+        return form_to_config(values, output_root), ""
+    except ConfigError as err:
+        return None, err.message
+
+
+def stage_upload(uploaded: str | None, workspace: Path) -> str | None:
+    """Copy an uploaded file into the app's workspace (uploads never stay in a temp dir we don't own)."""
+    if not uploaded:
+        return None
+    src = Path(uploaded)
+    target_dir = workspace / "uploads"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", src.name)[:100] or "upload.jsonl"
+    target = target_dir / safe
+    if src.resolve() != target.resolve():
+        shutil.copyfile(src, target)
+    return str(target)

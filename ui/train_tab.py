@@ -1,0 +1,142 @@
+"""Tab 3: Start / Stop / Resume and the live view, redrawn from the pipeline about once a second.
+
+The browser holds no training state: every tick asks the pipeline for the run's events, so a
+reloaded page or a second tab redraws the whole curve so far.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from autotuning.errors import UserError
+from autotuning.runs import load_run_config
+from autotuning.training import last_checkpoint
+
+from .charts import loss_figure, lr_figure, progress_html, throughput_figure
+from .context import AppContext
+from .form import FORM_FIELDS, form_to_config
+
+__all__ = ["build", "wire", "snapshot", "start_from_form", "resume_latest"]
+
+_RESUMABLE = ("stopped", "interrupted", "failed")
+
+
+def build(ctx: AppContext, form: dict) -> dict:
+    parts: dict = {}
+    with gr.Row():
+        parts["start"] = gr.Button("Start", variant="primary", elem_id="start-btn")
+        parts["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+        parts["resume"] = gr.Button("Resume", elem_id="resume-btn")
+    parts["status"] = gr.Markdown("No run yet: set options, then press Start.", elem_id="train-status")
+    parts["progress"] = gr.HTML(progress_html({}), elem_id="train-progress")
+    with gr.Row():
+        parts["loss"] = gr.Plot(label="Loss", elem_id="loss-plot")
+    with gr.Row():
+        parts["lr"] = gr.Plot(label="Learning rate", elem_id="lr-plot")
+        parts["throughput"] = gr.Plot(label="Throughput", elem_id="throughput-plot")
+    parts["checkpoints"] = gr.Markdown(elem_id="checkpoints")
+    parts["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log")
+    parts["timer"] = gr.Timer(1.0)
+    parts["drawn"] = gr.State(-1)  # per session: how many events the charts already show
+    return parts
+
+
+def snapshot(ctx: AppContext) -> dict:
+    """Everything the Train tab shows, as plain data (used by the tick and by tests)."""
+    run = ctx.pipeline.current
+    if run is None:
+        return {"status": "idle", "events": [], "progress": {}, "log": "", "checkpoints": [], "error": "", "run_dir": ""}
+    checkpoints = sorted(
+        (p.name for p in (run.run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda n: int(n.split("-")[1]),
+    ) if (run.run_dir / "checkpoints").is_dir() else []
+    return {
+        "status": run.status.value,
+        "events": run.events(0),
+        "progress": run.progress(),
+        "log": run.log_tail(40),
+        "checkpoints": checkpoints,
+        "error": run.error,
+        "run_dir": str(run.run_dir),
+    }
+
+
+def _status_markdown(snap: dict) -> str:
+    status = snap["status"]
+    if status == "idle":
+        return "No run yet: set options, then press Start."
+    text = f"**Status:** `{status}` &nbsp; **Run:** `{snap['run_dir']}`"
+    if snap["error"]:
+        text += f"\n\n⚠️ {snap['error']}"
+    if status == "stopped":
+        text += "\n\nStopped with a checkpoint saved: press **Resume** to continue from it."
+    if status == "finished":
+        text += "\n\nFinished: see the Evaluate, Export and Chat tabs."
+    return text
+
+
+def start_from_form(ctx: AppContext, values: dict) -> str:
+    config = form_to_config(values, ctx.output_root)
+    run = ctx.pipeline.start(config)
+    return f"Started `{run.run_dir}`."
+
+
+def resume_latest(ctx: AppContext) -> str:
+    """Resume this process's run if it can be, else the newest resumable run under the output root."""
+    current = ctx.pipeline.current
+    candidates = []
+    if current is not None and current.status.value in _RESUMABLE:
+        candidates.append(current.run_dir)
+    candidates += [Path(r["path"]) for r in ctx.runs() if r["status"] in _RESUMABLE]
+    for run_dir in candidates:
+        if last_checkpoint(run_dir / "checkpoints") is not None:
+            config = load_run_config(run_dir).replace(resume=True)
+            ctx.pipeline.start(config)
+            return f"Resuming `{run_dir}`."
+    raise UserError("no stopped run with a checkpoint to resume", "Train tab", "start a new run instead")
+
+
+def wire(ctx: AppContext, form: dict, parts: dict) -> None:
+    inputs = [form[name] for name in FORM_FIELDS]
+    view = [parts["status"], parts["progress"], parts["loss"], parts["lr"], parts["throughput"], parts["checkpoints"], parts["log"], parts["drawn"]]
+
+    def render(drawn: int, message: str = ""):
+        snap = snapshot(ctx)
+        status = _status_markdown(snap)
+        if message:
+            status = f"{message}\n\n{status}"
+        events = snap["events"]
+        checkpoints = ", ".join(f"`{c}`" for c in snap["checkpoints"]) or "none yet"
+        if len(events) == drawn:
+            charts = [gr.skip(), gr.skip(), gr.skip()]
+        else:
+            charts = [loss_figure(events), lr_figure(events), throughput_figure(events)]
+        return [status, progress_html(snap["progress"]), *charts, f"**Checkpoints:** {checkpoints}", snap["log"], len(events)]
+
+    def on_start(drawn, *args):
+        try:
+            message = start_from_form(ctx, dict(zip(FORM_FIELDS, args)))
+        except UserError as err:
+            message = f"⚠️ **Not started:** {err.message}"
+        return render(-1, message)
+
+    def on_stop(drawn):
+        run = ctx.pipeline.current
+        if run is None or not run.is_active():
+            return render(drawn, "Nothing is running.")
+        run.stop()
+        return render(drawn, "Stopping at the next step; a checkpoint will be saved.")
+
+    def on_resume(drawn):
+        try:
+            message = resume_latest(ctx)
+        except UserError as err:
+            message = f"⚠️ **Not resumed:** {err.message}"
+        return render(-1, message)
+
+    parts["start"].click(on_start, inputs=[parts["drawn"], *inputs], outputs=view)
+    parts["stop"].click(on_stop, inputs=parts["drawn"], outputs=view)
+    parts["resume"].click(on_resume, inputs=parts["drawn"], outputs=view)
+    parts["timer"].tick(lambda drawn: render(drawn), inputs=parts["drawn"], outputs=view, show_progress="hidden")
