@@ -17,7 +17,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from .config import Config, iter_fields, load_config, quickstart_overrides
+from .config import Config, GgufType, SaveFormat, iter_fields, load_config, quickstart_overrides
 from .errors import UserError
 
 __all__ = ["main", "build_parser"]
@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(inspect)
     inspect.add_argument("--rows", type=int, default=1, help="how many examples to print (default 1)")
 
+    export = sub.add_parser(
+        "export",
+        help="export a finished run (torch, gguf, tensorflow), each reloaded and checked",
+        description="Export a finished run. GGUF and TensorFlow are converted from the merged torch export, "
+        "which is made first when missing. Figures are printed and recorded in the run's run.json.",
+    )
+    export.add_argument("--run", required=True, metavar="DIR", help="the run directory (its output_dir)")
+    export.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        required=True,
+        choices=[f.value for f in SaveFormat],
+        help="format to export (repeatable)",
+    )
+    export.add_argument("--gguf-type", choices=GgufType.values(), help="GGUF tensor type (default: the run's gguf_type)")
+
     sub.add_parser("options", help="list every config option with its default and help")
     show = sub.add_parser("show-config", help="print the resolved config as YAML (token redacted)")
     add_config_args(show)
@@ -101,7 +118,7 @@ def _resolve_config(args: argparse.Namespace, resume: bool = False) -> Config:
     return config
 
 
-def _setup_console_logging(quiet: bool) -> None:
+def _setup_console_logging(quiet: bool) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -110,6 +127,7 @@ def _setup_console_logging(quiet: bool) -> None:
     logger = logging.getLogger("autotuning")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    return handler
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -182,19 +200,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    results = export_run(args.run, args.formats, args.gguf_type)
+    summary = {}
+    for fmt, figures in results.items():
+        if fmt not in args.formats:
+            continue
+        summary[fmt] = {k: v for k, v in figures.items() if not isinstance(v, list)}
+    print(json.dumps(summary, default=str))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "options":
         print(_options_text().lstrip("\n"))
         return EXIT_OK
-    _setup_console_logging(quiet=getattr(args, "quiet", False))
+    handler = _setup_console_logging(quiet=getattr(args, "quiet", False))
     try:
         if args.command == "show-config":
             print(_resolve_config(args).to_yaml(), end="")
             return EXIT_OK
         if args.command == "inspect-data":
             return _cmd_inspect(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_train(args)
     except UserError as err:
         print(f"error: {err.message}", file=sys.stderr)
@@ -212,3 +245,5 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("AUTOTUNING_DEBUG"):
             raise
         return EXIT_FAILED
+    finally:
+        logging.getLogger("autotuning").removeHandler(handler)

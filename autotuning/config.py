@@ -36,6 +36,7 @@ __all__ = [
     "Quantization",
     "PeftType",
     "SaveFormat",
+    "GgufType",
     "EvalSaveFormat",
     "Precision",
     "SchedulerType",
@@ -95,6 +96,16 @@ class SaveFormat(_Choice):
     TORCH = "torch"
     TENSORFLOW = "tensorflow"
     GGUF = "gguf"
+
+
+class GgufType(_Choice):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_K_M = "q4_k_m"
+    Q5_K_M = "q5_k_m"
+    Q6_K = "q6_k"
 
 
 class EvalSaveFormat(_Choice):
@@ -355,8 +366,16 @@ class EvaluationConfig:
 @dataclass
 class ExportConfig:
     save_format: list[SaveFormat] = _help(
-        "Export formats after training, one or more of: torch (merged safetensors + tokenizer), tensorflow, gguf.",
+        "Export formats after training, one or more of: torch (merged safetensors + tokenizer), tensorflow "
+        "(SavedModel + .keras), gguf (llama.cpp / Ollama). Every export is reloaded and checked; tensorflow and gguf "
+        "start from the merged torch export, which is always written.",
         default_factory=lambda: [SaveFormat.TORCH],
+    )
+
+    gguf_type: GgufType = _help(
+        "GGUF tensor type: f32 (exact), f16, bf16, q8_0 (about 1/4 of f32, near-lossless); q4_k_m, q5_k_m, q6_k "
+        "need the optional llama-cpp-python package.",
+        default=GgufType.Q8_0,
     )
 
     def __post_init__(self) -> None:

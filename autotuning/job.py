@@ -20,7 +20,7 @@ from typing import Any
 from .config import Config, PeftType, SaveFormat
 from .errors import ConfigError, UserError
 
-__all__ = ["JobResult", "run_job", "preflight"]
+__all__ = ["JobResult", "run_job", "preflight", "export_preflight"]
 
 log = logging.getLogger("autotuning")
 trace_log = logging.getLogger("autotuning.trace")  # file only: the console never shows tracebacks
@@ -37,16 +37,9 @@ class JobResult:
 
 
 def preflight(config: Config) -> None:
-    """Refuse what this version cannot do before any work starts."""
+    """Refuse what cannot run before any work starts."""
     import torch
 
-    missing = [f.value for f in config.export.save_format if f is not SaveFormat.TORCH]
-    if missing:
-        raise ConfigError(
-            f"export format(s) {', '.join(missing)} are not available in this version yet",
-            "field 'save_format'",
-            "use save_format: [torch]",
-        )
     if config.training.fsdp:
         gpus = torch.cuda.device_count()
         raise ConfigError(
@@ -55,6 +48,31 @@ def preflight(config: Config) -> None:
             "field 'fsdp'",
             "set fsdp: false",
         )
+
+
+def export_preflight(config: Config, model_type: str) -> None:
+    """Formats that cannot handle this architecture fail here, before training, not after hours of it."""
+    import importlib.util
+
+    from .export.gguf import check_gguf_supported
+    from .export.tensorflow import check_tensorflow_supported
+
+    formats = config.export.save_format
+    if SaveFormat.GGUF in formats:
+        check_gguf_supported(model_type)
+        if config.export.gguf_type.value in ("q4_k_m", "q5_k_m", "q6_k") and importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError(
+                f"GGUF type {config.export.gguf_type.value} needs the optional llama-cpp-python package",
+                "field 'gguf_type'",
+                "pip install 'llama-cpp-python==0.3.36' (a ~5 minute source build), or use q8_0, f16 or f32",
+            )
+    if SaveFormat.TENSORFLOW in formats:
+        check_tensorflow_supported(model_type)
+        missing = [m for m in ("tensorflow", "keras_hub") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"TensorFlow export needs {', '.join(missing)}", "field 'save_format'", "pip install -r requirements.txt"
+            )
 
 
 class _RunLog:
@@ -156,6 +174,7 @@ def run_job(
         )
         t0 = time.time()
         loaded = load_model(config)
+        export_preflight(config, loaded.model.config.model_type)
         model = apply_peft(loaded.model, config)
         timings["model_s"] = round(time.time() - t0, 2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -243,10 +262,10 @@ def run_job(
                 )
                 sink.emit({"type": "final_eval", "step": step, "time": time.time(), **results})
 
-            # 4. Exports (torch: adapter + verified merged model).
+            # 4. Exports. The merged torch model comes first: GGUF and TensorFlow are converted from it.
             t0 = time.time()
             exports: dict[str, Any] = {}
-            if SaveFormat.TORCH in config.export.save_format:
+            if config.export.save_format:
                 exports["torch"] = export_torch(
                     run,
                     tokenizer,
@@ -255,6 +274,27 @@ def run_job(
                     trained_model=trained,
                 )
                 log.info("export torch: %s (max |logit diff| %.2e)", run.merged, exports["torch"]["max_abs_logit_diff"])
+            if SaveFormat.GGUF in config.export.save_format:
+                from .export.gguf import export_gguf
+
+                exports["gguf"] = export_gguf(run, tokenizer, config.export.gguf_type.value)
+                log.info(
+                    "export gguf: %s (%s, max |logit diff| %.2e, greedy agreement %d/%d)",
+                    exports["gguf"]["path"],
+                    exports["gguf"]["type"],
+                    exports["gguf"]["max_abs_logit_diff"],
+                    exports["gguf"]["greedy_agreement_tokens"],
+                    exports["gguf"]["greedy_tokens"],
+                )
+            if SaveFormat.TENSORFLOW in config.export.save_format:
+                from .export.tensorflow import export_tensorflow
+
+                exports["tensorflow"] = export_tensorflow(run)
+                log.info(
+                    "export tensorflow: %s (max |logit diff| %.2e)",
+                    exports["tensorflow"]["path"],
+                    exports["tensorflow"]["max_abs_logit_diff"],
+                )
             timings["export_s"] = round(time.time() - t0, 2)
             timings["total_s"] = round(time.time() - started, 2)
             run.update(

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the recipe below changes, so cached copies are rebuilt.
-_BUILTIN_RECIPE_VERSION = "2"
+_BUILTIN_RECIPE_VERSION = "3"
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "datasets"
 
 # ChatML with {% generation %} markers (TRL's assistant-only loss needs them) and no newline after
@@ -202,7 +202,7 @@ def _build_model(architecture: str, tokenizer) -> torch.nn.Module:
             n_layer=_LAYERS,
             n_head=_HEADS,
             n_positions=_CONTEXT,
-            n_inner=_INTERMEDIATE,
+            n_inner=None,  # the standard 4 x hidden: GGUF and keras-hub readers assume it
             **ids,
         )
     else:  # pragma: no cover - guarded by BUILTIN_MODELS

@@ -10,9 +10,11 @@ from autotuning.config import (
     Config,
     EvalSaveFormat,
     FineTuningType,
+    GgufType,
     PeftType,
     Precision,
     Quantization,
+    SaveFormat,
     SchedulerType,
     field_help,
     load_config,
@@ -108,9 +110,9 @@ def build(ctx: AppContext, form: dict) -> dict:
             gr.Markdown("### Outputs")
             with gr.Row():
                 form["save_format"] = gr.CheckboxGroup(
-                    ["torch"], value=["torch"], label="Export formats",
-                    info="torch now; tensorflow and gguf are not available in this version yet",
+                    SaveFormat.values(), value=v["save_format"], label="Export formats", info=_info("save_format")
                 )
+                form["gguf_type"] = gr.Dropdown(GgufType.values(), value=v["gguf_type"], label="GGUF type", info=_info("gguf_type"))
                 form["eval_save_format"] = gr.Radio(
                     EvalSaveFormat.values(), value=v["eval_save_format"], label="Eval results file", info=_info("eval_save_format")
                 )

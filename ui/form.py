@@ -60,6 +60,7 @@ CONFIG_FIELDS = [
     "precision",
     "gradient_checkpointing",
     "save_format",
+    "gguf_type",
     "eval_save_format",
     "dataset_config",
     "dataset_split",
