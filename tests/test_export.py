@@ -176,6 +176,7 @@ def test_llama_cpp_runs_the_gguf_when_installed(trained):
     run = trained["tiny-llama"]
     figures = export_gguf(run, _tokenizer(run), "f32")
     assert figures["llama_cpp"] == "ran"
+    assert figures["llama_cpp_tokenizer_ids_match"] is True  # llama.cpp splits text like the HF tokenizer
     assert figures["llama_cpp_greedy_agreement_tokens"] >= 1
 
 

@@ -292,6 +292,26 @@ def _k_quantize(src: Path, dst: Path, gtype: str) -> None:
     code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if code != 0:
         raise ExportError(f"llama.cpp quantization to {gtype} failed (code {code})", str(dst), "try q8_0")
+    _log_fallbacks(dst, gtype)
+
+
+def _log_fallbacks(path: Path, gtype: str) -> dict[str, int]:
+    """Say which 2-D tensors llama.cpp kept at another type (rows shorter than a k-quant block of 256)."""
+    import gguf
+
+    target = {"q4_k_m": ("Q4_K", "Q6_K", "Q5_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K",)}[gtype]
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        kind = tensor.tensor_type.name
+        if len(tensor.shape) >= 2 and kind not in target:
+            counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        log.info(
+            "gguf %s: rows too short for a k-quant block, so llama.cpp used a fallback type for %s",
+            gtype,
+            ", ".join(f"{n} tensors ({k})" for k, n in sorted(counts.items())),
+        )
+    return counts
 
 
 # --------------------------------------------------------------------------- verification
@@ -361,11 +381,18 @@ def verify_gguf(gguf_path: Path, merged_dir: Path, gtype: str, tokenizer) -> dic
             str(gguf_path),
             "report this as a bug with the model id",
         )
-    result.update(_verify_with_llama_cpp(gguf_path, ids, ref_tokens))
+    result.update(_verify_with_llama_cpp(gguf_path, ids, ref_tokens, tokenizer))
+    if result.get("llama_cpp_tokenizer_ids_match") is False:
+        raise ExportError(
+            "llama.cpp splits text differently from the model's tokenizer (pre-tokenizer "
+            f"'{field('tokenizer.ggml.pre')}')",
+            str(gguf_path),
+            "report this as a bug with the model id; the file would produce garbage in llama.cpp and Ollama",
+        )
     return result
 
 
-def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[int]) -> dict[str, Any]:
+def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[int], tokenizer=None) -> dict[str, Any]:
     """Run the file in llama.cpp itself when llama-cpp-python is installed; say so when it is not."""
     try:
         import llama_cpp
@@ -383,7 +410,12 @@ def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[
         if a != b:
             break
         agree += 1
-    return {"llama_cpp": "ran", "llama_cpp_greedy_agreement_tokens": agree}
+    result: dict[str, Any] = {"llama_cpp": "ran", "llama_cpp_greedy_agreement_tokens": agree}
+    if tokenizer is not None:
+        # llama.cpp splits text with the pre-tokenizer named in the file: the ids must match the HF tokenizer's.
+        cpp_ids = llm.tokenize(CHECK_TEXT.encode("utf-8"), add_bos=False, special=True)
+        result["llama_cpp_tokenizer_ids_match"] = cpp_ids == tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
+    return result
 
 
 # --------------------------------------------------------------------------- Ollama
