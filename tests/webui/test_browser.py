@@ -83,12 +83,14 @@ def test_main_path(page, shots):
     assert int(page.inner_text("#at-step")) == 120
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
-    # 4. Export torch: verified.
+    # 4. Export torch (and GGUF): verified.
     _tab(page, "Export")
     _wait(lambda: "browser-main" in page.locator("#export-run input").input_value(), 20, "the run to be selected")
+    page.locator("#export-formats").get_by_label("gguf").check()
     page.click("#export-btn")
-    _wait(lambda: "verified" in page.inner_text("#export-summary"), 120, "the export to be verified")
-    assert "model.safetensors" in page.inner_text("#export-files")
+    _wait(lambda: page.inner_text("#export-summary").count("verified") >= 2, 120, "torch and gguf exports to be verified")
+    files = page.inner_text("#export-files")
+    assert "model.safetensors" in files and "model-q8_0.gguf" in files and "Modelfile" in files
     page.screenshot(path=str(shots / "export.png"), full_page=True)
 
     # 5. Chat once: both the tuned and the base model answer.
