@@ -17,7 +17,7 @@ def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
         parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Fine-tuned run", elem_id="chat-run", scale=4)
-        parts["refresh"] = gr.Button("↻ Refresh", scale=1)
+        parts["refresh"] = gr.Button("Refresh", scale=1)
     gr.Markdown(
         "Both replies use the tokenizer's chat template. The builtin tiny models have ~1M parameters: their "
         "replies are noise and only show that the pipeline works end to end."

@@ -142,8 +142,8 @@ def _on_change(ctx: AppContext):
     def on_change(*args):
         config, message = validate_form(_values(args), ctx.output_root)
         if config is None:
-            return f"⚠️ **Not valid yet:** {message}", gr.update()
-        return "✅ Config is valid.", cli_command(config)
+            return f"**Not valid yet:** {message}", gr.update()
+        return "Config is valid.", cli_command(config)
 
     return on_change
 

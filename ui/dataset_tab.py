@@ -94,9 +94,11 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
 
     def on_preview(*args):
         try:
-            return inspect_form(dict(zip(FORM_FIELDS, args)), ctx)
+            summary, figure, table, example = inspect_form(dict(zip(FORM_FIELDS, args)), ctx)
+            widths = [f"{100 // max(1, len(table.columns))}%"] * len(table.columns)
+            return summary, figure, gr.update(value=table, column_widths=widths), example
         except UserError as err:
-            return f"⚠️ **Cannot read the dataset:** {err.message}", None, None, ""
+            return f"**Cannot read the dataset:** {err.message}", None, None, ""
 
     parts["preview_btn"].click(
         on_preview,

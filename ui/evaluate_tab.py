@@ -17,7 +17,7 @@ def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
         parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Run", elem_id="eval-run", scale=4)
-        parts["refresh"] = gr.Button("↻ Refresh", scale=1)
+        parts["refresh"] = gr.Button("Refresh", scale=1)
         parts["generations"] = gr.Slider(0, 20, value=5, step=1, label="Generated answers to show", scale=2)
     parts["go"] = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
     parts["metrics"] = gr.Dataframe(headers=["metric", "value"], label="Metrics (answer tokens, shifted)", elem_id="eval-metrics")

@@ -21,7 +21,7 @@ def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
         parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Run", elem_id="export-run", scale=4)
-        parts["refresh"] = gr.Button("↻ Refresh", scale=1)
+        parts["refresh"] = gr.Button("Refresh", scale=1)
     with gr.Row():
         parts["formats"] = gr.CheckboxGroup(
             [f.value for f in SaveFormat], value=["torch"], label="Formats", elem_id="export-formats",
@@ -55,7 +55,7 @@ def wire(ctx: AppContext, parts: dict) -> None:
             root = Path(figures["path"])
             root = root if root.is_dir() else root.parent
             files += [p for p in sorted(root.rglob("*")) if p.is_file()]
-            line = f"**{fmt}** → `{figures['path']}` ✅ verified: max |logit diff| {figures['max_abs_logit_diff']:.2e}"
+            line = f"**{fmt}** → `{figures['path']}` verified: max |logit diff| {figures['max_abs_logit_diff']:.2e}"
             if fmt == "gguf":
                 line += (
                     f" ({figures['type']}, reloaded by transformers' GGUF reader), greedy agreement "

@@ -69,7 +69,7 @@ def _status_markdown(snap: dict) -> str:
         return "No run yet: set options, then press Start."
     text = f"**Status:** `{status}` &nbsp; **Run:** `{snap['run_dir']}`"
     if snap["error"]:
-        text += f"\n\n⚠️ {snap['error']}"
+        text += f"\n\n**Error:** {snap['error']}"
     if status == "stopped":
         text += "\n\nStopped with a checkpoint saved: press **Resume** to continue from it."
     if status == "finished":
@@ -119,7 +119,7 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         try:
             message = start_from_form(ctx, dict(zip(FORM_FIELDS, args)))
         except UserError as err:
-            message = f"⚠️ **Not started:** {err.message}"
+            message = f"**Not started:** {err.message}"
         return render(-1, message)
 
     def on_stop(drawn):
@@ -133,7 +133,7 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         try:
             message = resume_latest(ctx)
         except UserError as err:
-            message = f"⚠️ **Not resumed:** {err.message}"
+            message = f"**Not resumed:** {err.message}"
         return render(-1, message)
 
     parts["start"].click(on_start, inputs=[parts["drawn"], *inputs], outputs=view)
