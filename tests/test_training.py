@@ -100,3 +100,17 @@ def test_full_fine_tune_exports_and_reloads(tmp_path):
     assert not (result.run_dir / "adapter").exists()
     model = AutoModelForCausalLM.from_pretrained(result.run_dir / "merged", dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("quant", [{"quantization": "4bit", "peft_type": "qlora"}, {"quantization": "8bit"}])
+def test_quantized_lora_trains_and_merges_into_an_unquantized_model(tmp_path, quant):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=6, eval_split=0, **quant)
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished"
+    merged = AutoModelForCausalLM.from_pretrained(result.run_dir / "merged", dtype=torch.float32)
+    assert not getattr(merged, "is_quantized", False)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert result.exports["torch"]["max_abs_logit_diff"] <= 1e-4
+    assert result.exports["torch"]["reference"] == "fp32 base + adapter (unmerged)"
