@@ -114,3 +114,15 @@ def test_quantized_lora_trains_and_merges_into_an_unquantized_model(tmp_path, qu
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert result.exports["torch"]["max_abs_logit_diff"] <= 1e-4
     assert result.exports["torch"]["reference"] == "fp32 base + adapter (unmerged)"
+
+
+def test_token_never_reaches_the_run_directory(tmp_path, monkeypatch):
+    sentinel = "hf_SENTINEL_do_not_write_0123456789"
+    monkeypatch.setenv("HF_TOKEN", sentinel)
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=2, eval_split=0.1)
+    assert config.model.hf_token == sentinel
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished"
+    for path in result.run_dir.rglob("*"):
+        if path.is_file():
+            assert sentinel.encode() not in path.read_bytes(), f"token written to {path}"
