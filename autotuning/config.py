@@ -305,6 +305,18 @@ class TrainingConfig:
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: less memory, ~30% slower.", default=False
     )
+    early_stopping_patience: int = _help(
+        "Stop when the eval loss has not improved for this many evaluations (needs eval_steps > 0). 0 = off.",
+        default=0,
+    )
+    early_stopping_threshold: float = _help(
+        "Smallest eval-loss decrease that counts as an improvement for early stopping.", default=0.0
+    )
+    load_best_model_at_end: bool = _help(
+        "After training, restore the checkpoint with the lowest eval loss (needs eval_steps > 0; a checkpoint is "
+        "then saved at every evaluation).",
+        default=False,
+    )
     fsdp: bool = _help("Shard the model across GPUs with FSDP (needs several GPUs).", default=False)
     resume: bool = _help(
         "Continue the run in output_dir from its last complete checkpoint (same step counter and optimizer state).",
@@ -346,6 +358,12 @@ class TrainingConfig:
         if self.eval_steps < 0:
             raise ConfigError(
                 f"eval_steps must be >= 0, got {self.eval_steps}", "field 'eval_steps'", "use 0 to evaluate at the end"
+            )
+        if self.early_stopping_patience < 0 or self.early_stopping_threshold < 0:
+            raise ConfigError(
+                "early_stopping_patience and early_stopping_threshold must be >= 0",
+                "fields 'early_stopping_patience'/'early_stopping_threshold'",
+                "use 0 to turn early stopping off",
             )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError(
@@ -564,6 +582,15 @@ class Config:
                 f"peft_type 'qlora' means LoRA on a 4-bit base, but quantization is '{quant}'",
                 "fields 'peft_type'/'quantization'",
                 "set quantization: 4bit, or use peft_type: lora",
+            )
+        t = self.training
+        if (t.early_stopping_patience or t.load_best_model_at_end) and (t.eval_steps == 0 or self.data.eval_split == 0):
+            field = "early_stopping_patience" if t.early_stopping_patience else "load_best_model_at_end"
+            raise ConfigError(
+                f"{field} compares evaluations during training, but eval_steps is {t.eval_steps} and eval_split is "
+                f"{self.data.eval_split}",
+                f"fields '{field}'/'eval_steps'/'eval_split'",
+                "set eval_steps > 0 and eval_split > 0",
             )
         if peft is PeftType.NONE and quant is not Quantization.NONE:
             raise ConfigError(

@@ -297,9 +297,25 @@ def run_job(
                 )
             timings["export_s"] = round(time.time() - t0, 2)
             timings["total_s"] = round(time.time() - started, 2)
+            best = trainer.state.best_model_checkpoint
+            selection = None
+            if trainer.args.metric_for_best_model:
+                selection = {
+                    "best_checkpoint": best,
+                    "best_eval_loss": trainer.state.best_metric,
+                    "restored": bool(trainer.args.load_best_model_at_end and best),
+                    "early_stopped": step < trainer.state.max_steps,
+                    "why": (
+                        f"lowest eval loss {trainer.state.best_metric:.4f} at {Path(best).name}"
+                        if best and trainer.state.best_metric is not None
+                        else "no evaluation produced a checkpoint"
+                    ),
+                }
+                log.info("best checkpoint: %s", selection["why"])
             run.update(
                 status="finished",
                 finished_at=time.time(),
+                checkpoint_selection=selection,
                 global_step=step,
                 eval_results=results,
                 exports=exports,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from autotuning.config import FineTuningType, load_config
+from autotuning.config import ConfigError, FineTuningType, load_config
 from autotuning.job import run_job
 from autotuning.training import MetricsSink, read_metrics
 
@@ -126,3 +127,37 @@ def test_token_never_reaches_the_run_directory(tmp_path, monkeypatch):
     for path in result.run_dir.rglob("*"):
         if path.is_file():
             assert sentinel.encode() not in path.read_bytes(), f"token written to {path}"
+
+
+def test_early_stopping_restores_the_best_checkpoint(tmp_path):
+    # A learning rate far too high makes the eval loss get worse after the first evaluation.
+    config = _config(
+        tmp_path,
+        FineTuningType.INSTRUCTION,
+        max_steps=40,
+        learning_rate=3.0,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        eval_steps=2,
+        early_stopping_patience=1,
+        load_best_model_at_end="true",
+        save_total_limit=5,
+    )
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished" and result.global_step < 40
+    run = json.loads((result.run_dir / "run.json").read_text())
+    selection = run["checkpoint_selection"]
+    assert selection["early_stopped"] and selection["restored"]
+    evals = [e for e in read_metrics(result.run_dir / "metrics.jsonl") if e["type"] == "eval"]
+    best = min(evals, key=lambda e: e["eval_loss"] if math.isfinite(e["eval_loss"]) else float("inf"))
+    assert selection["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    # The exported adapter is the restored best checkpoint's, not the last step's.
+    best_adapter = load_file(str(Path(selection["best_checkpoint"]) / "adapter_model.safetensors"))
+    final_adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(best_adapter[k], final_adapter[k]) for k in best_adapter)
+
+
+def test_best_checkpoint_options_need_evaluation():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["early_stopping_patience=2", "eval_steps=0"])
+    assert "eval_steps" in str(err.value)

@@ -103,6 +103,14 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["save_steps"] = gr.Number(value=v["save_steps"], precision=0, label="Checkpoint every N steps", info=_info("save_steps"))
                 form["seed"] = gr.Number(value=v["seed"], precision=0, label="Seed", info=_info("seed"))
             with gr.Row():
+                form["early_stopping_patience"] = gr.Number(
+                    value=v["early_stopping_patience"], precision=0, label="Early stopping patience",
+                    info=_info("early_stopping_patience"),
+                )
+                form["load_best_model_at_end"] = gr.Checkbox(
+                    value=v["load_best_model_at_end"], label="Keep the best checkpoint", info=_info("load_best_model_at_end")
+                )
+            with gr.Row():
                 form["packing"] = gr.Checkbox(value=v["packing"], label="Packing (padding-free)", info=_info("packing"))
                 form["gradient_checkpointing"] = gr.Checkbox(
                     value=v["gradient_checkpointing"], label="Gradient checkpointing", info=_info("gradient_checkpointing")

@@ -55,6 +55,8 @@ CONFIG_FIELDS = [
     "eval_steps",
     "logging_steps",
     "save_steps",
+    "early_stopping_patience",
+    "load_best_model_at_end",
     "seed",
     "packing",
     "precision",

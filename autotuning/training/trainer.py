@@ -19,6 +19,7 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
 
     t = config.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps > 0) else None
+    select_best = bool(eval_every) and (t.load_best_model_at_end or t.early_stopping_patience > 0)
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         # Schedule
@@ -49,9 +50,14 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
-        eval_on_start=bool(eval_every),  # the chart gets a before-training baseline point
+        # The chart gets a before-training baseline point; not when selecting the best checkpoint, where the
+        # baseline (which has no checkpoint) would count as the best.
+        eval_on_start=bool(eval_every) and not select_best,
+        load_best_model_at_end=select_best and t.load_best_model_at_end,
+        metric_for_best_model="eval_loss" if select_best else None,
+        greater_is_better=False if select_best else None,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=eval_every if select_best else t.save_steps,  # the best must be a saved checkpoint
         save_total_limit=t.save_total_limit,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -81,6 +87,13 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
+    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
+        from transformers import EarlyStoppingCallback
+
+        callbacks = [
+            *callbacks,
+            EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
+        ]
     trainer = SFTTrainer(
         model=model,
         args=args,
