@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--gguf-type", choices=GgufType.values(), help="GGUF tensor type (default: the run's gguf_type)")
 
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="re-evaluate a finished run: answer-token metrics plus task metrics on generated answers",
+        description="Answer-token loss, perplexity, accuracy and F1 on the run's held-out rows, plus metrics on "
+        "greedy-generated answers (QA/RAG: exact match, F1, multiple-choice accuracy; others: ROUGE-L, exact "
+        "match; code: whether the Python parses). Writes eval_results.json|csv and predictions.jsonl.",
+    )
+    evaluate.add_argument("--run", required=True, metavar="DIR", help="the run directory (its output_dir)")
+    evaluate.add_argument("--generations", type=int, default=32, help="held-out rows to generate answers for (default 32)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
+
     sub.add_parser("options", help="list every config option with its default and help")
     show = sub.add_parser("show-config", help="print the resolved config as YAML (token redacted)")
     add_config_args(show)
@@ -228,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_inspect(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "evaluate":
+            from .evaluation import evaluate_run
+
+            report = evaluate_run(args.run, generations=args.generations, max_new_tokens=args.max_new_tokens)
+            print(json.dumps(report["results"]))
+            return EXIT_OK
         return _cmd_train(args)
     except UserError as err:
         print(f"error: {err.message}", file=sys.stderr)

@@ -8,16 +8,32 @@ before the next one runs, so memory stays bounded by one batch of logits, never 
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
+import re
+import string
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["shifted_answer_predictions", "evaluate_answers", "save_eval_results", "load_metric"]
+__all__ = [
+    "shifted_answer_predictions",
+    "evaluate_answers",
+    "save_eval_results",
+    "load_metric",
+    "normalize_answer",
+    "exact_match",
+    "squad_f1",
+    "code_parses",
+    "chosen_option",
+    "generation_metrics",
+    "evaluate_run",
+]
 
 _METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -119,6 +135,91 @@ def save_eval_results(results: dict[str, Any], run_dir: Path, fmt: str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- generated answers
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.DOTALL)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower-case, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in references))
+
+
+def squad_f1(prediction: str, references: list[str]) -> float:
+    """Token-overlap F1 after normalisation, best over the references."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for ref in references:
+        ref_tokens = normalize_answer(ref).split()
+        if not pred_tokens or not ref_tokens:
+            best = max(best, float(pred_tokens == ref_tokens))
+            continue
+        common = Counter(pred_tokens) & Counter(ref_tokens)
+        overlap = sum(common.values())
+        if overlap:
+            precision, recall = overlap / len(pred_tokens), overlap / len(ref_tokens)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def code_parses(text: str) -> bool:
+    """Whether the answer's Python (its fenced blocks, else the whole text) parses. Never executed."""
+    blocks = _FENCE.findall(text)
+    source = "\n".join(blocks) if blocks else text
+    try:
+        ast.parse(source)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def chosen_option(prediction: str, choices: list[str]) -> str | None:
+    """The option a free-text answer picks: an exact (normalised) match, else the best-overlapping one."""
+    if not choices:
+        return None
+    for choice in choices:
+        if normalize_answer(prediction) == normalize_answer(choice):
+            return choice
+    scored = [(squad_f1(prediction, [choice]), choice) for choice in choices]
+    score, choice = max(scored, key=lambda item: item[0])
+    return choice if score > 0 else None
+
+
+def generation_metrics(kind: str, samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Task metrics over generated answers; each sample has prediction, references and choices."""
+    if not samples:
+        return {}
+    n = len(samples)
+    out: dict[str, float] = {"samples": n}
+    out["exact_match"] = sum(exact_match(s["prediction"], s["references"]) for s in samples) / n
+    if kind in ("question_answering", "rag_fine_tuning"):
+        out["f1"] = sum(squad_f1(s["prediction"], s["references"]) for s in samples) / n
+        with_choices = [s for s in samples if s.get("choices")]
+        if with_choices:
+            correct = sum(chosen_option(s["prediction"], s["choices"]) == s["references"][0] for s in with_choices)
+            out["choice_accuracy"] = correct / len(with_choices)
+    else:
+        rouge = load_metric("rouge_l")
+        out["rougeL"] = rouge.compute(
+            predictions=[s["prediction"] for s in samples], references=[s["references"] for s in samples]
+        )["rougeL"]
+        if kind == "code_generation":
+            parsable = [s for s in samples if code_parses(s["references"][0])]
+            if parsable:
+                out["python_parses"] = sum(code_parses(s["prediction"]) for s in parsable) / len(parsable)
+    return out
+
+
 def evaluate_run(run_dir: str | Path, generations: int = 5, max_new_tokens: int = 64) -> dict[str, Any]:
     """Re-evaluate a finished run on its held-out rows (same deterministic split) and sample a few answers."""
     from .data import prepare_data
@@ -142,9 +243,16 @@ def evaluate_run(run_dir: str | Path, generations: int = 5, max_new_tokens: int 
             {
                 "prompt": row["prompt"][-1]["content"],
                 "reference": row["completion"][0]["content"],
+                "references": row["references"],
+                "choices": row.get("choices") or [],
                 "prediction": generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens),
             }
         )
+    kind = config.data.fine_tuning_type.value
+    results.update({f"gen_{k}": v for k, v in generation_metrics(kind, samples).items()})
     path = save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
+    tmp = run.path / ".predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    tmp.replace(run.path / "predictions.jsonl")
     run.update(eval_results=results)
-    return {"results": results, "samples": samples, "path": str(path)}
+    return {"results": results, "samples": [{k: s[k] for k in ("prompt", "reference", "prediction")} for s in samples], "path": str(path)}

@@ -59,3 +59,63 @@ def test_evaluate_answers_on_an_oracle(tmp_path):
     for fmt in ("json", "csv"):
         path = save_eval_results(results, tmp_path, fmt)
         assert path.name == f"eval_results.{fmt}" and "accuracy" in path.read_text()
+
+
+from autotuning.evaluation import (  # noqa: E402
+    chosen_option,
+    code_parses,
+    exact_match,
+    generation_metrics,
+    normalize_answer,
+    squad_f1,
+)
+
+
+def test_squad_normalisation_exact_match_and_f1():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert exact_match("the eiffel tower.", ["Eiffel Tower"]) == 1.0
+    assert exact_match("Paris", ["London", "paris"]) == 1.0  # any of the references
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+    assert squad_f1("in Paris France", ["Paris"]) == pytest.approx(0.5)  # P=1/3, R=1
+    assert squad_f1("Paris", ["London", "Paris"]) == 1.0
+    assert squad_f1("", ["Paris"]) == 0.0
+
+
+def test_rouge_l_on_known_strings():
+    rouge = load_metric("rouge_l")
+    # LCS("the cat sat", "the cat sat down") = 3: P = 1, R = 3/4, F = 6/7.
+    assert rouge.compute(predictions=["the cat sat"], references=[["the cat sat down"]])["rougeL"] == pytest.approx(6 / 7)
+    assert rouge.compute(predictions=["a b c"], references=[["x y", "c b a"]])["rougeL"] == pytest.approx(1 / 3)
+    assert rouge.compute(predictions=["Same text."], references=[["same text"]])["rougeL"] == pytest.approx(1.0)
+
+
+def test_code_parses_without_running_anything(tmp_path):
+    marker = tmp_path / "ran"
+    assert code_parses(f"```python\nopen({str(marker)!r}, 'w').write('x')\n```")
+    assert not marker.exists()  # parsed, never executed
+    assert not code_parses("def broken(:\n    pass")
+    assert code_parses("x = [i * i for i in range(3)]")
+
+
+def test_multiple_choice_picks_the_option():
+    choices = ["Mercury", "Venus", "Mars", "Jupiter"]
+    assert chosen_option("Mars", choices) == "Mars"
+    assert chosen_option("I believe the answer is mars", choices) == "Mars"
+    assert chosen_option("no idea", choices) is None
+    metrics = generation_metrics(
+        "question_answering",
+        [
+            {"prediction": "Mars", "references": ["Mars"], "choices": choices},
+            {"prediction": "Venus", "references": ["Jupiter"], "choices": choices},
+        ],
+    )
+    assert metrics["exact_match"] == 0.5 and metrics["choice_accuracy"] == 0.5 and metrics["f1"] == 0.5
+
+
+def test_code_generation_metrics():
+    samples = [
+        {"prediction": "```python\nprint(1)\n```", "references": ["```python\nprint(1)\n```"], "choices": []},
+        {"prediction": "def f(:", "references": ["def f():\n    return 1"], "choices": []},
+    ]
+    metrics = generation_metrics("code_generation", samples)
+    assert metrics["python_parses"] == 0.5 and 0 < metrics["rougeL"] <= 1 and metrics["exact_match"] == 0.5

@@ -161,3 +161,17 @@ def test_best_checkpoint_options_need_evaluation():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["early_stopping_patience=2", "eval_steps=0"])
     assert "eval_steps" in str(err.value)
+
+
+def test_evaluate_run_writes_task_metrics_and_predictions(tmp_path):
+    from autotuning.evaluation import evaluate_run
+
+    config = _config(tmp_path, FineTuningType.QA, max_steps=4)
+    result = run_job(config, show_progress=False)
+    report = evaluate_run(result.run_dir, generations=3, max_new_tokens=8)
+    results = report["results"]
+    assert results["gen_samples"] == 3 and 0 <= results["gen_exact_match"] <= 1 and 0 <= results["gen_f1"] <= 1
+    assert 0 <= results["gen_choice_accuracy"] <= 1  # the QA sample has choices
+    predictions = [json.loads(line) for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 3 and {"prompt", "references", "prediction"} <= set(predictions[0])
+    assert json.loads((result.run_dir / "eval_results.json").read_text())["gen_samples"] == 3
