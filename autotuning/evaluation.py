@@ -128,9 +128,16 @@ def save_eval_results(results: dict[str, Any], run_dir: Path, fmt: str) -> Path:
     else:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["metric", "value"])
-            for key, value in results.items():
-                writer.writerow([key, value])
+            if any(key.startswith("base_") for key in results):
+                # One row per metric with the fine-tuned and the base model's value side by side.
+                writer.writerow(["metric", "tuned", "base"])
+                for key, value in results.items():
+                    if not key.startswith("base_"):
+                        writer.writerow([key, value, results.get(f"base_{key}", "")])
+            else:
+                writer.writerow(["metric", "value"])
+                for key, value in results.items():
+                    writer.writerow([key, value])
     tmp.replace(path)
     return path
 
@@ -220,8 +227,14 @@ def generation_metrics(kind: str, samples: list[dict[str, Any]]) -> dict[str, fl
     return out
 
 
-def evaluate_run(run_dir: str | Path, generations: int = 5, max_new_tokens: int = 64) -> dict[str, Any]:
-    """Re-evaluate a finished run on its held-out rows (same deterministic split) and sample a few answers."""
+def evaluate_run(
+    run_dir: str | Path, generations: int = 5, max_new_tokens: int = 64, compare_base: bool = True
+) -> dict[str, Any]:
+    """Re-evaluate a finished run on its held-out rows (same deterministic split), with generated answers.
+
+    With ``compare_base`` the base model is scored on the same rows: every metric gets a ``base_`` twin,
+    so the gain from fine-tuning is visible in eval_results and predictions.jsonl.
+    """
     from .data import prepare_data
     from .inference import generate_reply, load_generation_model
     from .modeling import load_tokenizer
@@ -235,24 +248,32 @@ def evaluate_run(run_dir: str | Path, generations: int = 5, max_new_tokens: int 
         from .errors import ConfigError
 
         raise ConfigError("this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0")
-    model, gen_tokenizer = load_generation_model(str(run.path))
-    results = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
-    samples = []
-    for row in data.eval_rows[: max(0, generations)]:
-        samples.append(
-            {
-                "prompt": row["prompt"][-1]["content"],
-                "reference": row["completion"][0]["content"],
-                "references": row["references"],
-                "choices": row.get("choices") or [],
-                "prediction": generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens),
-            }
-        )
     kind = config.data.fine_tuning_type.value
-    results.update({f"gen_{k}": v for k, v in generation_metrics(kind, samples).items()})
+    rows = data.eval_rows[: max(0, generations)]
+    samples = [
+        {
+            "prompt": row["prompt"][-1]["content"],
+            "reference": row["completion"][0]["content"],
+            "references": row["references"],
+            "choices": row.get("choices") or [],
+        }
+        for row in rows
+    ]
+    models = [("", str(run.path))] + ([("base_", config.model.model_name)] if compare_base else [])
+    results: dict[str, Any] = {}
+    for prefix, source in models:
+        model, gen_tokenizer = load_generation_model(source)
+        scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
+        for sample, row in zip(samples, rows):
+            sample[f"{prefix}prediction"] = generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens)
+        view = [dict(s, prediction=s[f"{prefix}prediction"]) for s in samples]
+        scores.update({f"gen_{k}": v for k, v in generation_metrics(kind, view).items()})
+        results.update({f"{prefix}{k}": v for k, v in scores.items()})
+        del model
     path = save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
     tmp = run.path / ".predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     tmp.replace(run.path / "predictions.jsonl")
     run.update(eval_results=results)
-    return {"results": results, "samples": [{k: s[k] for k in ("prompt", "reference", "prediction")} for s in samples], "path": str(path)}
+    shown = ("prompt", "reference", "prediction", "base_prediction")
+    return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}

@@ -119,3 +119,10 @@ def test_code_generation_metrics():
     ]
     metrics = generation_metrics("code_generation", samples)
     assert metrics["python_parses"] == 0.5 and 0 < metrics["rougeL"] <= 1 and metrics["exact_match"] == 0.5
+
+
+def test_csv_puts_base_and_tuned_side_by_side(tmp_path):
+    from autotuning.evaluation import save_eval_results
+
+    path = save_eval_results({"accuracy": 0.5, "base_accuracy": 0.25, "eval_rows": 3, "base_eval_rows": 3}, tmp_path, "csv")
+    assert path.read_text().splitlines() == ["metric,tuned,base", "accuracy,0.5,0.25", "eval_rows,3,3"]

@@ -174,4 +174,9 @@ def test_evaluate_run_writes_task_metrics_and_predictions(tmp_path):
     assert 0 <= results["gen_choice_accuracy"] <= 1  # the QA sample has choices
     predictions = [json.loads(line) for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 3 and {"prompt", "references", "prediction"} <= set(predictions[0])
-    assert json.loads((result.run_dir / "eval_results.json").read_text())["gen_samples"] == 3
+    saved = json.loads((result.run_dir / "eval_results.json").read_text())
+    assert saved["gen_samples"] == 3
+    # The base model is scored on the same rows, next to the fine-tuned one.
+    assert {"base_eval_loss", "base_accuracy", "base_gen_exact_match", "base_gen_f1"} <= set(saved)
+    assert saved["base_eval_loss"] != saved["eval_loss"]
+    assert "base_prediction" in predictions[0]

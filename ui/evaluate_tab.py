@@ -20,8 +20,8 @@ def build(ctx: AppContext) -> dict:
         parts["refresh"] = gr.Button("Refresh", scale=1)
         parts["generations"] = gr.Slider(0, 20, value=5, step=1, label="Generated answers to show", scale=2)
     parts["go"] = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
-    parts["metrics"] = gr.Dataframe(headers=["metric", "value"], label="Metrics (answer tokens, shifted)", elem_id="eval-metrics")
-    parts["samples"] = gr.Dataframe(headers=["prompt", "reference", "prediction"], label="Generated answers vs references", wrap=True, elem_id="eval-samples")
+    parts["metrics"] = gr.Dataframe(headers=["metric", "fine-tuned", "base"], label="Metrics: fine-tuned vs base model, same held-out rows", elem_id="eval-metrics")
+    parts["samples"] = gr.Dataframe(headers=["prompt", "reference", "prediction", "base_prediction"], label="Generated answers (fine-tuned and base) vs references", wrap=True, elem_id="eval-samples")
     parts["file"] = gr.File(label="eval_results", interactive=False)
     return parts
 
@@ -38,8 +38,16 @@ def wire(ctx: AppContext, parts: dict) -> None:
         except UserError as err:
             raise gr.Error(err.message) from None
         results = report["results"]
+
+        def fmt(v):
+            return round(v, 6) if isinstance(v, float) else v
+
         metrics = pd.DataFrame(
-            [{"metric": k, "value": round(v, 6) if isinstance(v, float) else v} for k, v in results.items()]
+            [
+                {"metric": k, "fine-tuned": fmt(v), "base": fmt(results.get(f"base_{k}", ""))}
+                for k, v in results.items()
+                if not k.startswith("base_")
+            ]
         )
         return metrics, pd.DataFrame(report["samples"]), report["path"]
 
