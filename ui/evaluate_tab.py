@@ -49,6 +49,9 @@ def wire(ctx: AppContext, parts: dict) -> None:
                 if not k.startswith("base_")
             ]
         )
-        return metrics, pd.DataFrame(report["samples"]), report["path"]
+        samples = pd.DataFrame(report["samples"])
+        samples = samples.map(lambda v: v if not isinstance(v, str) or len(v) <= 300 else v[:300] + " …")
+        widths = [f"{100 // max(1, len(samples.columns))}%"] * len(samples.columns)
+        return metrics, gr.update(value=samples, column_widths=widths), report["path"]
 
     parts["go"].click(on_evaluate, inputs=[parts["run"], parts["generations"]], outputs=[parts["metrics"], parts["samples"], parts["file"]])
