@@ -28,14 +28,12 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 def _options_text() -> str:
     lines = []
     group_seen = None
+    defaults = Config().to_flat_dict(redact=True)  # the real defaults, default_factory fields included
     for group, f in iter_fields():
         if group != group_seen:
             lines.append(f"\n[{group}]")
             group_seen = group
-        default = f.default if f.default is not f.default_factory else f.default_factory()  # type: ignore[misc]
-        if f.name == "hf_token":
-            default = "$HF_TOKEN"
-        default = [str(d) for d in default] if isinstance(default, list) else str(default)
+        default = "$HF_TOKEN" if f.name == "hf_token" else defaults[f.name]
         lines.append(f"  {f.name} (default: {default})")
         lines.extend(textwrap.wrap(f.metadata["help"], width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)

@@ -156,3 +156,5 @@ def test_options_lists_every_field(capsys):
     out = capsys.readouterr().out
     for _, f in iter_fields():
         assert f.name in out
+    assert "MISSING" not in out
+    assert "lora_target_modules (default: ['all-linear'])" in out and "save_format (default: ['torch'])" in out
