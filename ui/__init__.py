@@ -8,6 +8,7 @@ import gradio as gr
 
 from . import chat_tab, config_tab, dataset_tab, evaluate_tab, export_tab, runs_tab, train_tab
 from .context import AppContext
+from .run_picker import finished_runs_update
 
 __all__ = ["build_app", "AppContext", "ASSETS", "theme"]
 
@@ -59,13 +60,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             return finished, finished, finished, runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())
 
         # Opening a tab refreshes its run list and picks the newest finished run if none is chosen.
-        def finished_runs(current):
-            choices = ctx.run_choices(finished_only=True)
-            paths = [path for _, path in choices]
-            return gr.update(choices=choices, value=current if current in paths else (paths[0] if paths else None))
-
         for tab, parts in ((evaluate_tab_ui, evaluate_parts), (export_tab_ui, export_parts), (chat_tab_ui, chat_parts)):
-            tab.select(finished_runs, inputs=parts["run"], outputs=parts["run"])
+            tab.select(lambda current: finished_runs_update(ctx, current), inputs=parts["run"], outputs=parts["run"])
         runs_tab_ui.select(lambda: (runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())), outputs=[runs_parts["table"], runs_parts["pick"]])
         config_tab.validate_on_load(demo, ctx, form, config_parts)
         demo.load(

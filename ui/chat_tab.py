@@ -9,6 +9,7 @@ from autotuning.inference import generate_reply
 from autotuning.runs import load_run_config
 
 from .context import AppContext
+from .run_picker import build_run_picker
 
 __all__ = ["build", "wire", "reply_both"]
 
@@ -16,8 +17,7 @@ __all__ = ["build", "wire", "reply_both"]
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
-        parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Fine-tuned run", elem_id="chat-run", scale=4)
-        parts["refresh"] = gr.Button("Refresh", scale=1)
+        build_run_picker(ctx, parts, "chat-run", "Fine-tuned run")
     gr.Markdown(
         "Both replies use the tokenizer's chat template. The builtin tiny models have ~1M parameters: their "
         "replies are noise and only show that the pipeline works end to end."
@@ -56,7 +56,6 @@ def _text(content) -> str:
 
 
 def wire(ctx: AppContext, parts: dict) -> None:
-    parts["refresh"].click(lambda: gr.update(choices=ctx.run_choices(finished_only=True)), outputs=parts["run"])
 
     def on_send(run_dir, message, tuned, base, max_new_tokens, temperature):
         if not run_dir:

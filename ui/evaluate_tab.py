@@ -9,6 +9,7 @@ from autotuning.errors import UserError
 from autotuning.evaluation import evaluate_run
 
 from .context import AppContext
+from .run_picker import build_run_picker
 
 __all__ = ["build", "wire"]
 
@@ -16,8 +17,7 @@ __all__ = ["build", "wire"]
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
-        parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Run", elem_id="eval-run", scale=4)
-        parts["refresh"] = gr.Button("Refresh", scale=1)
+        build_run_picker(ctx, parts, "eval-run")
         parts["generations"] = gr.Slider(0, 20, value=5, step=1, label="Generated answers to show", scale=2)
     parts["go"] = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
     parts["metrics"] = gr.Dataframe(headers=["metric", "fine-tuned", "base"], label="Metrics: fine-tuned vs base model, same held-out rows", elem_id="eval-metrics")
@@ -27,7 +27,6 @@ def build(ctx: AppContext) -> dict:
 
 
 def wire(ctx: AppContext, parts: dict) -> None:
-    parts["refresh"].click(lambda: gr.update(choices=ctx.run_choices(finished_only=True)), outputs=parts["run"])
 
     def on_evaluate(run_dir, generations, progress=gr.Progress()):
         if not run_dir:

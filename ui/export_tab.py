@@ -13,6 +13,7 @@ from autotuning.errors import UserError
 from autotuning.export import export_run
 
 from .context import AppContext
+from .run_picker import build_run_picker
 
 __all__ = ["build", "wire"]
 
@@ -20,8 +21,7 @@ __all__ = ["build", "wire"]
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
-        parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label="Run", elem_id="export-run", scale=4)
-        parts["refresh"] = gr.Button("Refresh", scale=1)
+        build_run_picker(ctx, parts, "export-run")
     with gr.Row():
         parts["formats"] = gr.CheckboxGroup(
             [f.value for f in SaveFormat], value=["torch"], label="Formats", elem_id="export-formats",
@@ -37,7 +37,6 @@ def build(ctx: AppContext) -> dict:
 
 
 def wire(ctx: AppContext, parts: dict) -> None:
-    parts["refresh"].click(lambda: gr.update(choices=ctx.run_choices(finished_only=True)), outputs=parts["run"])
 
     def on_export(run_dir, formats, gguf_type, progress=gr.Progress()):
         if not run_dir:
