@@ -118,10 +118,10 @@ class Run:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(list(self.log_lines)[-lines:])
 
-    def progress(self) -> dict[str, Any]:
-        """Step, max steps, elapsed and ETA from the latest training event."""
-        events = [e for e in self.sink.events(0) if e.get("type") in ("train", "eval")]
-        last = events[-1] if events else {}
+    def progress(self, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Step, max steps, elapsed and ETA from the latest training event (pass ``events`` if already fetched)."""
+        events = self.sink.events(0) if events is None else events
+        last = next((e for e in reversed(events) if e.get("type") in ("train", "eval")), {})
         elapsed = (self.finished_at or time.time()) - self.started_at if self.started_at else 0.0
         step = last.get("step", 0)
         if self.result is not None:  # after a stop the checkpoint step may be past the last logged one

@@ -52,10 +52,11 @@ def snapshot(ctx: AppContext) -> dict:
         (p.name for p in (run.run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
         key=lambda n: int(n.split("-")[1]),
     ) if (run.run_dir / "checkpoints").is_dir() else []
+    events = run.events(0)  # fetched once per tick: the charts and the progress bar share it
     return {
         "status": run.status.value,
-        "events": run.events(0),
-        "progress": run.progress(),
+        "events": events,
+        "progress": run.progress(events),
         "log": run.log_tail(40),
         "checkpoints": checkpoints,
         "error": run.error,
