@@ -1,8 +1,8 @@
 """Exports of a trained run. One module per format; each verifies what it wrote before keeping it."""
 
-from .torch import PARITY_TOLERANCE, export_torch, max_logit_diff
+from .torch import PARITY_TOLERANCE, export_torch, logits_on
 
-__all__ = ["export_torch", "export_run", "max_logit_diff", "PARITY_TOLERANCE"]
+__all__ = ["export_torch", "export_run", "logits_on", "PARITY_TOLERANCE"]
 
 
 def export_run(run_dir, formats=("torch",), gguf_type: str | None = None) -> dict:

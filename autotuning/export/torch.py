@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ExportError
 
-__all__ = ["export_torch", "max_logit_diff", "PARITY_TOLERANCE", "PARITY_PROMPT"]
+__all__ = ["export_torch", "logits_on", "PARITY_TOLERANCE", "PARITY_PROMPT"]
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,15 @@ def _parity_ids(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def max_logit_diff(model_a, model_b, input_ids: torch.Tensor) -> float:
-    """Max |logit_a - logit_b| over a prompt, both models in eval mode and fp32 math."""
-    outs = []
-    for model in (model_a, model_b):
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        outs.append(model(input_ids=input_ids.to(device)).logits.float().cpu())
-        if was_training:
-            model.train()
-    return float((outs[0] - outs[1]).abs().max())
+def logits_on(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of ``model`` on ``input_ids`` in eval mode (training mode restored afterwards), on CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device)).logits.float().cpu()
+    if was_training:
+        model.train()
+    return out
 
 
 def _is_plain_fp32(model) -> bool:
@@ -65,7 +63,7 @@ def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=No
 
     tmp = run.path / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    reference = trained_model
+    ids = _parity_ids(tokenizer)
     reference_kind = "trained model in memory"
     try:
         if is_peft:
@@ -82,11 +80,12 @@ def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=No
             with_adapter = PeftModel.from_pretrained(base, str(run.adapter))
             if trained_model is None or not _is_plain_fp32(trained_model):
                 # A quantized or half-precision trained model differs from any fp32 export by its own rounding;
-                # the merge itself is checked against the fp32 base + adapter, unmerged.
-                reference = PeftModel.from_pretrained(
-                    AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), str(run.adapter)
-                )
+                # the merge itself is checked against the fp32 base + adapter, unmerged (read before merging,
+                # which rewrites the base in place: one base load instead of two).
+                reference_logits = logits_on(with_adapter, ids)
                 reference_kind = "fp32 base + adapter (unmerged)"
+            else:
+                reference_logits = logits_on(trained_model, ids)
             merged = with_adapter.merge_and_unload()
         else:
             if trained_model is None:
@@ -96,14 +95,14 @@ def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=No
                 if checkpoint is None:
                     raise ExportError("the run has no checkpoint to export", str(run.checkpoints), "train the run first")
                 trained_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-                reference, reference_kind = trained_model, f"checkpoint {checkpoint.name}"
+                reference_kind = f"checkpoint {checkpoint.name}"
+            reference_logits = logits_on(trained_model, ids)
             merged = trained_model
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del merged
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-        ids = _parity_ids(tokenizer)
-        diff = max_logit_diff(reference, reloaded, ids)
+        diff = float((reference_logits - logits_on(reloaded, ids)).abs().max())
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(
                 f"the merged model's logits differ from the trained model's by {diff:.3g} (> {PARITY_TOLERANCE})",
