@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when the recipe below changes, so cached copies are rebuilt.
-_BUILTIN_RECIPE_VERSION = "3"
+_BUILTIN_RECIPE_VERSION = "4"
 _ASSETS = Path(__file__).resolve().parent.parent / "assets" / "datasets"
 
 # ChatML with {% generation %} markers (TRL's assistant-only loss needs them) and no newline after
