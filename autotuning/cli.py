@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in output_dir from its last checkpoint (its saved config is used unless --config)",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true", help="no progress bar, warnings and errors only")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
 
     inspect = sub.add_parser(
         "inspect-data",
@@ -139,10 +140,57 @@ def _setup_console_logging(quiet: bool) -> logging.Handler:
     return handler
 
 
+def _cmd_train_launched(config: Config, quiet: bool) -> int:
+    """distributed: ddp|fsdp: prepare the run, print the launch command, run it and wait."""
+    from .distributed import launch, prepare_launch
+    from .runs import RunDir
+
+    plan = prepare_launch(config, extra_args=["--quiet"] if quiet else [])
+    print(f"launch: {plan.command_line}", file=sys.stderr)
+    stop_event, abort_event = threading.Event(), threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop_event.is_set():
+            abort_event.set()
+            return
+        stop_event.set()
+        print(
+            "\nstopping all processes at the next step and saving a checkpoint (Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        rc = launch(plan, config, stop_event, abort_event)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    record = RunDir(plan.run_dir).read()
+    status = record.get("status")
+    if status == "finished" and rc == 0:
+        return EXIT_OK
+    if status == "stopped":
+        return EXIT_STOPPED
+    if abort_event.is_set():
+        print("error: aborted without saving", file=sys.stderr)
+        return EXIT_STOPPED
+    if rc == EXIT_BAD_INPUT:
+        return EXIT_BAD_INPUT  # a rank printed the error line already
+    print(
+        f"error: the launched run ended with status {status or 'unknown'} (exit {rc}); see {plan.run_dir / 'train.log'}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import Distributed
+    from .distributed import is_launched_worker, process_rank
     from .job import run_job
 
     config = _resolve_config(args, resume=args.resume)
+    launched = is_launched_worker()
+    if config.training.distributed is not Distributed.NONE and not launched:
+        return _cmd_train_launched(config, args.quiet)
     stop_event = threading.Event()
 
     def on_sigint(signum, frame):
@@ -156,10 +204,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = run_job(config, stop_event=stop_event, show_progress=not args.quiet)
+        result = run_job(config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
     finally:
         signal.signal(signal.SIGINT, previous)
+    if launched and process_rank() != 0:
+        return EXIT_OK  # rank 0 reports for the run
     if result.status == "stopped":
+        if launched:
+            return EXIT_OK  # the launching parent reads run.json and reports the stop
         print(
             f"stopped at step {result.global_step}; continue with: python -m autotuning train --resume "
             f"--set output_dir={result.run_dir}",
@@ -228,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options":
         print(_options_text().lstrip("\n"))
         return EXIT_OK
-    handler = _setup_console_logging(quiet=getattr(args, "quiet", False))
+    from .distributed import is_launched_worker, process_rank
+
+    # In a multi-process run, rank 0 speaks for all of them.
+    quiet = getattr(args, "quiet", False) or (is_launched_worker() and process_rank() != 0)
+    handler = _setup_console_logging(quiet=quiet)
     try:
         if args.command == "show-config":
             print(_resolve_config(args).to_yaml(), end="")

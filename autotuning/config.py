@@ -40,6 +40,7 @@ __all__ = [
     "EvalSaveFormat",
     "Precision",
     "SchedulerType",
+    "Distributed",
     "ModelConfig",
     "DataConfig",
     "PeftConfig",
@@ -120,6 +121,12 @@ class Precision(_Choice):
     FP16 = "fp16"
 
 
+class Distributed(_Choice):
+    NONE = "none"  # one process (one GPU, or the CPU)
+    DDP = "ddp"  # one process per device, each a full replica (gloo on CPU, nccl on GPUs)
+    FSDP = "fsdp"  # one process per GPU, parameters/gradients/optimizer state sharded (GPUs only)
+
+
 class SchedulerType(_Choice):
     LINEAR = "linear"
     COSINE = "cosine"
@@ -139,6 +146,7 @@ _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     Quantization: {"4-bit": "4bit", "int4": "4bit", "nf4": "4bit", "8-bit": "8bit", "int8": "8bit", "no": "none"},
     PeftType: {"full": "none"},
     SaveFormat: {"pytorch": "torch", "safetensors": "torch", "tf": "tensorflow"},
+    Distributed: {"no": "none", "single": "none", "multi_gpu": "ddp"},
 }
 
 
@@ -317,7 +325,15 @@ class TrainingConfig:
         "then saved at every evaluation).",
         default=False,
     )
-    fsdp: bool = _help("Shard the model across GPUs with FSDP (needs several GPUs).", default=False)
+    distributed: Distributed = _help(
+        "Multi-process training through 'accelerate launch': none (one process), ddp (a full replica per device; "
+        "works on CPU with gloo) or fsdp (shard the model across GPUs; needs CUDA GPUs).",
+        default=Distributed.NONE,
+    )
+    num_processes: int = _help(
+        "Processes for ddp/fsdp: 0 = one per visible GPU (on a CPU-only machine set it, e.g. 2).", default=0
+    )
+    fsdp: bool = _help("The seed's spelling of distributed: fsdp (kept in sync with it).", default=False)
     resume: bool = _help(
         "Continue the run in output_dir from its last complete checkpoint (same step counter and optimizer state).",
         default=False,
@@ -364,6 +380,21 @@ class TrainingConfig:
                 "early_stopping_patience and early_stopping_threshold must be >= 0",
                 "fields 'early_stopping_patience'/'early_stopping_threshold'",
                 "use 0 to turn early stopping off",
+            )
+        if self.fsdp and self.distributed is Distributed.DDP:
+            raise ConfigError(
+                "fsdp: true asks for FSDP but distributed is 'ddp'",
+                "fields 'fsdp'/'distributed'",
+                "set distributed: fsdp (and drop fsdp), or fsdp: false",
+            )
+        if self.fsdp:
+            self.distributed = Distributed.FSDP
+        self.fsdp = self.distributed is Distributed.FSDP
+        if self.num_processes < 0:
+            raise ConfigError(
+                f"num_processes must be >= 0, got {self.num_processes}",
+                "field 'num_processes'",
+                "use 0 for one process per GPU, or a count such as 2",
             )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError(
@@ -592,6 +623,12 @@ class Config:
                 f"fields '{field}'/'eval_steps'/'eval_split'",
                 "set eval_steps > 0 and eval_split > 0",
             )
+        if t.distributed is Distributed.FSDP and quant is not Quantization.NONE:
+            raise ConfigError(
+                f"FSDP cannot shard a {quant} bitsandbytes model in this version",
+                "fields 'distributed'/'quantization'",
+                "use distributed: ddp for QLoRA on several GPUs, or quantization: none with fsdp",
+            )
         if peft is PeftType.NONE and quant is not Quantization.NONE:
             raise ConfigError(
                 f"a full fine-tune (peft_type 'none') cannot train a {quant} quantized model",
@@ -636,6 +673,8 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A new validated Config with some fields changed by flat name."""
         data = self.to_flat_dict(redact=False)
+        if "distributed" in changes and "fsdp" not in changes:
+            data.pop("fsdp")  # derived from distributed; the stale value would override the change
         data.update(changes)
         return config_from_dict(data)
 

@@ -9,6 +9,7 @@ created, so a mistake never leaves a half-written run behind.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, PeftType, SaveFormat
+from .config import Config, Distributed, PeftType, SaveFormat
 from .errors import ConfigError, UserError
 
-__all__ = ["JobResult", "run_job", "preflight", "export_preflight"]
+__all__ = ["JobResult", "run_job", "preflight", "export_preflight", "is_out_of_memory", "oom_fallback"]
 
 log = logging.getLogger("autotuning")
 trace_log = logging.getLogger("autotuning.trace")  # file only: the console never shows tracebacks
@@ -38,16 +39,51 @@ class JobResult:
 
 def preflight(config: Config) -> None:
     """Refuse what cannot run before any work starts."""
+    from .distributed import check_distributed, is_launched_worker
+
+    if config.training.distributed is not Distributed.NONE and not is_launched_worker():
+        raise ConfigError(
+            f"distributed: {config.training.distributed} needs several processes, which run_job does not start",
+            "field 'distributed'",
+            "start the run with 'python -m autotuning train' or the app (both launch it with accelerate), "
+            "or set distributed: none",
+        )
+    check_distributed(config)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, or the CPU allocator giving up (which PyTorch raises as a plain RuntimeError)."""
     import torch
 
-    if config.training.fsdp:
-        gpus = torch.cuda.device_count()
-        raise ConfigError(
-            f"fsdp needs several CUDA GPUs and a multi-process launch; this machine has {gpus} GPU(s) and "
-            "multi-GPU launching is not available in this version yet",
-            "field 'fsdp'",
-            "set fsdp: false",
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def oom_fallback(config: Config) -> tuple[Config, str] | None:
+    """The next, cheaper way to run the same training after an out-of-memory error, or None if none is left.
+
+    First halve the micro-batch and double gradient accumulation (same effective batch, same curve up to
+    noise); at micro-batch 1, turn gradient checkpointing on (recompute activations, ~30% slower).
+    """
+    t = config.training
+    if t.per_device_train_batch_size > 1:
+        batch = t.per_device_train_batch_size // 2
+        accumulation = t.gradient_accumulation_steps * t.per_device_train_batch_size // batch
+        changed = config.replace(
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            per_device_eval_batch_size=max(1, t.per_device_eval_batch_size // 2),
         )
+        return changed, (
+            f"per_device_train_batch_size {t.per_device_train_batch_size} -> {batch}, gradient_accumulation_steps "
+            f"{t.gradient_accumulation_steps} -> {accumulation} (effective batch unchanged), "
+            f"per_device_eval_batch_size {t.per_device_eval_batch_size} -> {changed.training.per_device_eval_batch_size}"
+        )
+    if not t.gradient_checkpointing:
+        return config.replace(gradient_checkpointing=True), "gradient_checkpointing false -> true"
+    return None
 
 
 def export_preflight(config: Config, model_type: str) -> None:
@@ -133,6 +169,7 @@ def run_job(
     import torch
 
     from .data import prepare_data
+    from .distributed import STOP_FILE, is_launched_worker, process_rank
     from .evaluation import evaluate_answers, save_eval_results
     from .export import export_torch
     from .modeling import apply_peft, load_model, load_tokenizer
@@ -147,6 +184,8 @@ def run_job(
         truncate_metrics,
     )
 
+    launched = is_launched_worker()  # one rank of a multi-process run started by distributed.launch
+    main = process_rank() == 0  # only rank 0 writes run.json, metrics.jsonl, evaluates and exports
     stop_event = stop_event if stop_event is not None else threading.Event()
     sink = sink if sink is not None else MetricsSink()
     started = time.time()
@@ -191,63 +230,116 @@ def run_job(
                     f"{run.checkpoints}",
                     "start a new run (or check that save_steps was reached before it stopped)",
                 )
-        elif run.path.exists() and config.run.overwrite_output_dir:
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
-        run_log.attach(run.log_path)
-        config.save_yaml(run.config_path)
-        if resume_from is not None:
-            truncate_metrics(run.metrics_path, int(resume_from.name.split("-")[1]))
-        sink.attach(run.metrics_path)
-        previous = run.read()
-        run.update(
-            status="running",
-            started_at=previous.get("started_at", started),
-            resumed_from=str(resume_from) if resume_from else None,
-            model_name=config.model.model_name,
-            fine_tuning_type=config.data.fine_tuning_type.value,
-            device="cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            precision=loaded.precision,
-            versions=library_versions(),
-            dataset={"fingerprint": data.fingerprint, **data.stats, "notes": data.notes},
-            parameters={"trainable": trainable, "total": total},
-            error=None,
-        )
+        elif run.path.exists() and config.run.overwrite_output_dir and not launched:
+            shutil.rmtree(run.path)  # (a launched run's parent already did this, before writing the launch files)
+        if main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run_log.attach(run.log_path)
+            config.save_yaml(run.config_path)
+            if resume_from is not None:
+                truncate_metrics(run.metrics_path, int(resume_from.name.split("-")[1]))
+            sink.attach(run.metrics_path)
+            previous = run.read()
+            run.update(
+                status="running",
+                started_at=previous.get("started_at", started),
+                resumed_from=str(resume_from) if resume_from else None,
+                model_name=config.model.model_name,
+                fine_tuning_type=config.data.fine_tuning_type.value,
+                device=_device_name(),
+                precision=loaded.precision,
+                versions=library_versions(),
+                dataset={"fingerprint": data.fingerprint, **data.stats, "notes": data.notes},
+                parameters={"trainable": trainable, "total": total},
+                error=None,
+            )
         log.info("run directory: %s", run.path)
 
         try:
             t0 = time.time()
-            stopper = StopCallback(stop_event)
-            trainer = build_trainer(
-                config,
-                model,
-                tokenizer,
-                data.train,
-                data.eval,
-                run.checkpoints,
-                loaded.precision,
-                callbacks=[MetricsCallback(sink), stopper, FinalCheckpointCallback()],
-                show_progress=show_progress,
-            )
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            stopper = StopCallback(stop_event, stop_file=run.path / STOP_FILE if launched else None)
+            callbacks = [MetricsCallback(sink), stopper, FinalCheckpointCallback()]
+            attempt = config
+            oom_retries: list[dict[str, Any]] = []
+            while True:
+                trainer = build_trainer(
+                    attempt,
+                    model,
+                    tokenizer,
+                    data.train,
+                    data.eval,
+                    run.checkpoints,
+                    loaded.precision,
+                    callbacks=callbacks,
+                    show_progress=show_progress,
+                )
+                try:
+                    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                    break
+                except Exception as exc:
+                    # One rank cannot change the batch size alone: a multi-process run fails with the advice.
+                    fallback = oom_fallback(attempt) if is_out_of_memory(exc) and not launched else None
+                    if fallback is None:
+                        if is_out_of_memory(exc):
+                            raise ConfigError(
+                                f"out of memory during training ({str(exc).splitlines()[0][:200]})",
+                                "fields 'per_device_train_batch_size'/'max_seq_length'",
+                                "run 'python -m autotuning estimate' and apply its suggestion (4-bit, shorter "
+                                "sequences, a smaller model)",
+                            ) from None
+                        raise
+                    attempt, change = fallback
+                    failed_step = trainer.state.global_step
+                    del trainer
+                    _free_memory()
+                    # Steps finished before the error changed the weights in place: continue from the last
+                    # checkpoint (it restores weights and optimizer), or start over from freshly loaded weights.
+                    resume_from = last_checkpoint(run.checkpoints)
+                    restart_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+                    if resume_from is None:
+                        del model
+                        _free_memory()
+                        loaded = load_model(attempt)
+                        model = apply_peft(loaded.model, attempt)
+                    sink.truncate(restart_step)
+                    message = (
+                        f"out of memory at step {failed_step}; retrying from step {restart_step} with {change}"
+                    )
+                    log.warning(message)
+                    retry = {"step": failed_step, "restart_step": restart_step, "change": change}
+                    oom_retries.append(retry)
+                    sink.emit({"type": "notice", "kind": "oom_retry", "time": time.time(), "message": message, **retry})
+                    if main:
+                        run.update(oom_retries=oom_retries, effective_config=attempt.to_flat_dict())
+                        attempt.save_yaml(run.config_path)  # a resume continues with the settings that fit
             step = trainer.state.global_step
             timings["train_s"] = round(time.time() - t0, 2)
             if stopper.stopped_at is not None and step < trainer.state.max_steps:
                 checkpoint = last_checkpoint(run.checkpoints)
-                run.update(status="stopped", global_step=step, checkpoint=str(checkpoint), timings=timings)
-                log.info("stopped at step %d; checkpoint %s; resume with --resume", step, checkpoint)
+                if main:
+                    run.update(status="stopped", global_step=step, checkpoint=str(checkpoint), timings=timings)
+                    log.info("stopped at step %d; checkpoint %s; resume with --resume", step, checkpoint)
                 return JobResult("stopped", run.path, step)
 
-            # Accelerate patches forward() with autocast for mixed precision; unwrap so evaluation and the export
-            # check see the model's own fp32 forward.
-            trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+            if launched:
+                # Every rank takes part in saving (FSDP gathers the full state dict); rank 0 then reloads the
+                # result unsharded and carries on alone with evaluation and export.
+                saved = run.path / ".trained"
+                trainer.save_model(str(saved))
+                if not main:
+                    return JobResult("finished", run.path, step)
+                trained = _reload_trained(saved, loaded.path, config)
+            else:
+                # Accelerate patches forward() with autocast for mixed precision; unwrap so evaluation and the
+                # export check see the model's own fp32 forward.
+                trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
             # 3. Evaluation on the held-out rows (answer tokens only, shifted).
             results: dict[str, Any] = {}
             if data.eval is not None:
                 t0 = time.time()
                 results = evaluate_answers(
-                    trained, data.eval, tokenizer, config.training.per_device_eval_batch_size, loaded.precision
+                    trained, data.eval, tokenizer, attempt.training.per_device_eval_batch_size, loaded.precision
                 )
                 results["global_step"] = step
                 save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
@@ -295,6 +387,8 @@ def run_job(
                     exports["tensorflow"]["path"],
                     exports["tensorflow"]["max_abs_logit_diff"],
                 )
+            if launched:
+                shutil.rmtree(run.path / ".trained", ignore_errors=True)
             timings["export_s"] = round(time.time() - t0, 2)
             timings["total_s"] = round(time.time() - started, 2)
             best = trainer.state.best_model_checkpoint
@@ -323,6 +417,8 @@ def run_job(
             )
             return JobResult("finished", run.path, step, results, exports)
         except BaseException as exc:
+            if not main:
+                raise
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, KeyboardInterrupt):
                 message = "interrupted"
@@ -330,3 +426,41 @@ def run_job(
             trace_log.error("traceback:\n%s", traceback.format_exc())
             run.update(status="failed", error=message, timings=timings)
             raise
+
+
+def _device_name() -> str:
+    import torch
+
+    from .distributed import is_launched_worker
+
+    name = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if is_launched_worker():
+        name += f" x {os.environ.get('WORLD_SIZE', '1')} processes"
+    return name
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reload_trained(saved: Path, base_path: str, config: Config):
+    """The trained model from what a multi-process run saved: fp32 base + adapter, or the full weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if config.peft.peft_type is PeftType.NONE:
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(saved))
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return model.eval()

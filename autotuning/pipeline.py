@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import threading
 import time
@@ -139,8 +140,11 @@ class Run:
     # -- the thread -----------------------------------------------------------------
 
     def _target(self) -> None:
+        from .config import Distributed
         from .job import run_job
 
+        if self.config.training.distributed is not Distributed.NONE:
+            return self._target_launched()
         handler = _ThreadLogHandler(threading.get_ident(), self.log_lines)
         loggers = [logging.getLogger(n) for n in ("autotuning", "transformers", "trl")]
         for lg in loggers:
@@ -164,9 +168,105 @@ class Run:
             for lg in loggers:
                 lg.removeHandler(handler)
 
+    def _target_launched(self) -> None:
+        """distributed: ddp|fsdp: the job runs in processes started by ``accelerate launch``; follow it from here.
+
+        Metrics come from the ``metrics.jsonl`` rank 0 writes (tailed into this run's sink, so the charts
+        work as for a single-process run); the processes' output becomes the log tail.
+        """
+        from .distributed import launch, prepare_launch
+        from .job import JobResult
+        from .runs import RunDir
+
+        self.started_at = time.time()
+        if self.status is RunStatus.QUEUED:
+            self._set_status(RunStatus.RUNNING)
+        tail = None
+        try:
+            plan = prepare_launch(self.config, extra_args=["--no-progress"])
+            self.log_lines.append(f"launch: {plan.command_line}")
+            tail = _MetricsTail(plan.run_dir / "metrics.jsonl", self.sink)
+            tail.start()
+            rc = launch(plan, self.config, self.stop_event, on_output=self.log_lines.append)
+            tail.stop()
+            record = RunDir(plan.run_dir).read()
+            status = record.get("status")
+            if status in ("finished", "stopped") and rc == 0:
+                self.result = JobResult(
+                    status,
+                    plan.run_dir,
+                    record.get("global_step") or 0,
+                    record.get("eval_results") or {},
+                    record.get("exports") or {},
+                )
+                self._set_status(RunStatus.STOPPED if status == "stopped" else RunStatus.FINISHED)
+            else:
+                self.error = record.get("error") or (
+                    f"the launched processes exited with status {rc}; see {plan.run_dir / 'train.log'}"
+                )
+                self.log_lines.append(f"error: {self.error}")
+                self._set_status(RunStatus.FAILED)
+        except UserError as err:
+            self.error = err.message
+            self.log_lines.append(f"error: {err.message}")
+            self._set_status(RunStatus.FAILED)
+        except BaseException as exc:  # a bug in the parent
+            self.error = f"internal error ({type(exc).__name__}: {exc})"
+            self.log_lines.append(f"error: {self.error}")
+            self._set_status(RunStatus.FAILED)
+        finally:
+            if tail is not None:
+                tail.stop()
+            self.finished_at = time.time()
+
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._target, name=f"autotuning-run-{self.id}", daemon=True)
         self._thread.start()
+
+
+class _MetricsTail:
+    """Follows a metrics.jsonl another process appends to, feeding complete lines into a sink."""
+
+    def __init__(self, path: Path, sink: MetricsSink, interval_s: float = 0.25):
+        self.path = path
+        self.sink = sink
+        self.interval_s = interval_s
+        self._offset = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="autotuning-metrics-tail", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Read what is left and stop following (idempotent)."""
+        self._done.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self._read()
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self._read()
+
+    def _read(self) -> None:
+        with self._lock:
+            try:
+                with self.path.open("rb") as fh:
+                    fh.seek(self._offset)
+                    chunk = fh.read()
+            except OSError:
+                return
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                return  # no complete line yet
+            self._offset += end + 1
+            for line in chunk[: end + 1].decode("utf-8", errors="replace").splitlines():
+                try:
+                    self.sink.emit(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
 
 
 class Pipeline:

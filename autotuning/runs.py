@@ -102,6 +102,8 @@ def resolve_run_dir(config: Config) -> RunDir:
     if path.exists() and not path.is_dir():
         raise ConfigError("output_dir is a file, not a directory", where, "choose a directory path")
     run = RunDir(path)
+    if path.is_dir() and os.environ.get("AUTOTUNING_LAUNCHED") == str(path.resolve()):
+        return run  # a rank of a multi-process run: the launching parent checked and prepared this directory
     has_content = path.is_dir() and any(path.iterdir())
     if config.training.resume:
         if not run.exists():

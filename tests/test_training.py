@@ -104,17 +104,71 @@ def test_full_fine_tune_exports_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("quant", [{"quantization": "4bit", "peft_type": "qlora"}, {"quantization": "8bit"}])
-def test_quantized_lora_trains_and_merges_into_an_unquantized_model(tmp_path, quant):
+def test_quantized_lora_trains_and_merges_into_an_unquantized_model(tmp_path, jsonl, quant):
     from transformers import AutoModelForCausalLM
 
-    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=6, eval_split=0, **quant)
+    # A few rows repeated: the loss must fall clearly within 12 steps (noise between random rows would hide it).
+    facts = [("Name the capital of France.", "Paris is the capital of France."),
+             ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
+             ("How many legs does a spider have?", "A spider has eight legs."),
+             ("What do bees make?", "Bees make honey.")]
+    path = jsonl([{"instruction": q, "output": a} for q, a in facts] * 10)
+    # The builtin models' sizes are multiples of 64, which bitsandbytes' 4-bit CPU kernels need.
+    config = _config(
+        tmp_path, FineTuningType.INSTRUCTION, dataset_path=str(path), max_steps=12, logging_steps=1, eval_split=0,
+        learning_rate=1e-2, warmup_ratio=0, **quant
+    )
     result = run_job(config, show_progress=False)
     assert result.status == "finished"
+    losses = [e["loss"] for e in read_metrics(result.run_dir / "metrics.jsonl") if e.get("type") == "train"]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     merged = AutoModelForCausalLM.from_pretrained(result.run_dir / "merged", dtype=torch.float32)
     assert not getattr(merged, "is_quantized", False)
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert result.exports["torch"]["max_abs_logit_diff"] <= 1e-4
     assert result.exports["torch"]["reference"] == "fp32 base + adapter (unmerged)"
+
+
+def test_out_of_memory_retries_with_a_smaller_batch_then_checkpointing(tmp_path, monkeypatch):
+    """An injected OOM: batch 4 -> 2 -> 1 (accumulation 1 -> 2 -> 4), then gradient checkpointing; same effective batch."""
+    from transformers import TrainerCallback
+
+    import autotuning.training as training
+
+    seen = []
+
+    class InjectOOM(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps, args.gradient_checkpointing))
+            if state.global_step == 2 and not args.gradient_checkpointing:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    real_build = training.build_trainer
+
+    def build_with_injection(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs["callbacks"], InjectOOM()]
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(training, "build_trainer", build_with_injection)
+    sink = MetricsSink()
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=6, eval_split=0, logging_steps=1)
+    result = run_job(config, sink=sink, show_progress=False)
+
+    assert result.status == "finished" and result.global_step == 6
+    attempts = sorted({s for s in seen}, key=lambda s: (-s[0], s[2]))
+    assert attempts == [(4, 1, False), (2, 2, False), (1, 4, False), (1, 4, True)]
+    notices = [e for e in sink.events(0) if e.get("type") == "notice"]
+    assert [n["kind"] for n in notices] == ["oom_retry"] * 3
+    assert "per_device_train_batch_size 4 -> 2" in notices[0]["message"]
+    assert "gradient_checkpointing false -> true" in notices[2]["message"]
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert [r["change"] for r in record["oom_retries"]] == [n["change"] for n in notices]
+    assert record["effective_config"]["gradient_checkpointing"] is True
+    # The retry restarted from fresh weights (no checkpoint yet): the curve has one point per step, in order.
+    steps = [e["step"] for e in read_metrics(result.run_dir / "metrics.jsonl") if e.get("type") == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert "out of memory at step 2" in (result.run_dir / "train.log").read_text()
 
 
 def test_token_never_reaches_the_run_directory(tmp_path, monkeypatch):

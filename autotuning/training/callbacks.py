@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -64,14 +65,24 @@ class MetricsCallback(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """Ends training at the next step boundary when ``stop_event`` is set, saving a checkpoint first."""
+    """Ends training at the next step boundary when ``stop_event`` is set, saving a checkpoint first.
 
-    def __init__(self, stop_event: threading.Event):
+    In a multi-process run the request may also come as ``stop_file`` (written by the launching parent);
+    the ranks agree with one all-reduce per step so that all of them stop, and save, at the same step.
+    """
+
+    def __init__(self, stop_event: threading.Event, stop_file: Path | None = None):
         self.stop_event = stop_event
+        self.stop_file = stop_file
         self.stopped_at: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_event.is_set():
+        local = self.stop_event.is_set() or (self.stop_file is not None and self.stop_file.exists())
+        if self.stop_file is not None:
+            from ..distributed import stop_requested_everywhere
+
+            local = stop_requested_everywhere(local, args.device)
+        if local:
             control.should_training_stop = True
             control.should_save = True
             self.stopped_at = state.global_step

@@ -42,6 +42,13 @@ class MetricsSink:
                     fh.write(json.dumps(event) + "\n")
                     fh.flush()
 
+    def truncate(self, max_step: int) -> None:
+        """Forget events after ``max_step`` (memory and file): a retry from that step redraws the curve from there."""
+        with self._lock:
+            self._events = [e for e in self._events if _kept(e, max_step)]
+            if self.path is not None:
+                truncate_metrics(self.path, max_step)
+
     def events(self, since_index: int = 0) -> list[dict[str, Any]]:
         """Events from position ``since_index`` on (pollers keep the count they have seen)."""
         with self._lock:
@@ -50,6 +57,11 @@ class MetricsSink:
     def __len__(self) -> int:
         with self._lock:
             return len(self._events)
+
+
+def _kept(event: dict[str, Any], max_step: int) -> bool:
+    """Curve points after ``max_step`` go; notices (what the run changed and why) stay in the history."""
+    return event.get("type") == "notice" or event.get("step", 0) <= max_step
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -71,7 +83,7 @@ def truncate_metrics(path: str | Path, max_step: int) -> None:
     p = Path(path)
     if not p.is_file():
         return
-    kept = [e for e in read_metrics(p) if e.get("step", 0) <= max_step]
+    kept = [e for e in read_metrics(p) if _kept(e, max_step)]
     tmp = p.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
     tmp.replace(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
+        # Several CPU processes (distributed: ddp on CPU) talk over gloo; GPUs use the default (nccl).
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         # Data: rows arrive tokenised with a completion mask; TRL turns it into labels (-100 on prompts).
         max_length=config.data.max_seq_length,
         completion_only_loss=True,
@@ -84,8 +87,10 @@ def build_trainer(
     if not show_progress:
         # No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events.
         import datasets
+        from transformers.utils import logging as hf_logging
 
         datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
     if args.metric_for_best_model and config.training.early_stopping_patience > 0:
         from transformers import EarlyStoppingCallback
