@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generations", type=int, default=32, help="held-out rows to generate answers for (default 32)")
     evaluate.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
 
+    estimate = sub.add_parser(
+        "estimate",
+        help="estimate peak training memory, compare it with the free memory, suggest what makes it fit",
+        description="Estimate the peak memory of training this config (weights, LoRA, gradients, optimizer state, "
+        "activations, logits) from the model's shapes, without loading weights. Prints the breakdown, the "
+        "device's free memory and the verdict (fits / tight / will not fit) with suggestions, then one JSON "
+        "line with estimate_bytes, free_bytes and verdict.",
+    )
+    add_config_args(estimate)
+    estimate.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="estimate for this device (default: auto)"
+    )
+    estimate.add_argument(
+        "--free-gib",
+        type=float,
+        metavar="GIB",
+        help="compare with this much free memory instead of this machine's (e.g. 24 for the GPU you plan to rent)",
+    )
+
     sub.add_parser("options", help="list every config option with its default and help")
     show = sub.add_parser("show-config", help="print the resolved config as YAML (token redacted)")
     add_config_args(show)
@@ -274,6 +293,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import describe, estimate_memory
+
+    config = _resolve_config(args)
+    device = None if args.device == "auto" else args.device
+    if device == "cuda" and args.free_gib is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("this machine has no CUDA GPU to read free memory from", "--device cuda", "add --free-gib N")
+    free = int(args.free_gib * 1024**3) if args.free_gib is not None else None
+    estimate = estimate_memory(config, device=device, free_bytes=free)
+    for line in describe(estimate):
+        print(line)
+    print(json.dumps({k: estimate.to_dict()[k] for k in ("estimate_bytes", "free_bytes", "verdict")}))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -293,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_inspect(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "estimate":
+            return _cmd_estimate(args)
         if args.command == "evaluate":
             from .evaluation import evaluate_run
 

@@ -314,6 +314,8 @@ def run_job(
                         attempt.save_yaml(run.config_path)  # a resume continues with the settings that fit
             step = trainer.state.global_step
             timings["train_s"] = round(time.time() - t0, 2)
+            if main:
+                run.update(train_peak_memory=_peak_memory())  # before evaluation/export add their own
             if stopper.stopped_at is not None and step < trainer.state.max_steps:
                 checkpoint = last_checkpoint(run.checkpoints)
                 if main:
@@ -464,3 +466,14 @@ def _reload_trained(saved: Path, base_path: str, config: Config):
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return model.eval()
+
+
+def _peak_memory() -> dict[str, Any]:
+    """This process's peak so far: GPU bytes allocated by torch, or peak resident memory on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bytes": int(torch.cuda.max_memory_allocated()), "what": "torch.cuda.max_memory_allocated"}
+    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "what": "peak RSS (ru_maxrss)"}
