@@ -12,6 +12,7 @@ from autotuning.config import (
     FineTuningType,
     GgufType,
     PeftType,
+    Distributed,
     Precision,
     Quantization,
     SaveFormat,
@@ -114,6 +115,13 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["packing"] = gr.Checkbox(value=v["packing"], label="Packing (padding-free)", info=_info("packing"))
                 form["gradient_checkpointing"] = gr.Checkbox(
                     value=v["gradient_checkpointing"], label="Gradient checkpointing", info=_info("gradient_checkpointing")
+                )
+            with gr.Row():
+                form["distributed"] = gr.Dropdown(
+                    Distributed.values(), value=v["distributed"], label="Multi-process", info=_info("distributed")
+                )
+                form["num_processes"] = gr.Number(
+                    value=v["num_processes"], precision=0, label="Processes", info=_info("num_processes")
                 )
             gr.Markdown("### Outputs")
             with gr.Row():

@@ -61,6 +61,8 @@ CONFIG_FIELDS = [
     "packing",
     "precision",
     "gradient_checkpointing",
+    "distributed",
+    "num_processes",
     "save_format",
     "gguf_type",
     "eval_save_format",
@@ -149,7 +151,7 @@ def cli_command(config: Config) -> str:
     defaults = Config().to_flat_dict()
     parts = ["python -m autotuning train"]
     for key, value in config.to_flat_dict(redact=True).items():
-        if defaults.get(key) == value:
+        if key == "fsdp" or defaults.get(key) == value:  # fsdp mirrors distributed
             continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)

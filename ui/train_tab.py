@@ -18,7 +18,7 @@ from .charts import loss_figure, lr_figure, progress_html, throughput_figure
 from .context import AppContext
 from .form import FORM_FIELDS, form_to_config
 
-__all__ = ["build", "wire", "snapshot", "start_from_form", "resume_latest"]
+__all__ = ["build", "wire", "snapshot", "start_from_form", "resume_latest", "memory_markdown"]
 
 _RESUMABLE = ("stopped", "interrupted", "failed")
 
@@ -29,6 +29,10 @@ def build(ctx: AppContext, form: dict) -> dict:
         parts["start"] = gr.Button("Start", variant="primary", elem_id="start-btn")
         parts["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
         parts["resume"] = gr.Button("Resume", elem_id="resume-btn")
+        parts["estimate"] = gr.Button("Estimate memory", elem_id="estimate-btn")
+    parts["memory"] = gr.Markdown(
+        "Press **Estimate memory** to check whether this config fits before starting.", elem_id="memory-estimate"
+    )
     parts["status"] = gr.Markdown("No run yet: set options, then press Start.", elem_id="train-status")
     parts["progress"] = gr.HTML(progress_html({}), elem_id="train-progress")
     with gr.Row():
@@ -61,7 +65,42 @@ def snapshot(ctx: AppContext) -> dict:
         "checkpoints": checkpoints,
         "error": run.error,
         "run_dir": str(run.run_dir),
+        "notices": [e["message"] for e in events if e.get("type") == "notice"],
     }
+
+
+_VERDICT_ICON = {"fits": "✅", "tight": "⚠️", "will not fit": "⛔"}
+
+
+def memory_markdown(ctx: AppContext, values: dict) -> str:
+    """The estimate for the form's config: verdict, breakdown table and suggestions, as Markdown."""
+    from autotuning.estimate import estimate_memory
+
+    try:
+        config = form_to_config(values, ctx.output_root)
+        estimate = estimate_memory(config)
+    except UserError as err:
+        return f"**No estimate:** {err.message}"
+    gib = 1024**3
+    verdict = estimate.verdict
+    facts = estimate.facts
+    lines = [
+        f"**Memory estimate: {_VERDICT_ICON[verdict]} {verdict}** — {estimate.total_bytes / gib:.2f} GiB needed "
+        f"per {facts['per']}, {estimate.free_bytes / gib:.2f} GiB free on `{estimate.device}` "
+        f"({facts['parameters'] / 1e6:.1f}M parameters, {facts['trainable_parameters'] / 1e6:.2f}M trainable, "
+        f"{facts['tokens_per_micro_batch']} tokens per micro-batch)",
+        "",
+        "| part | GiB |",
+        "|---|---:|",
+        *[f"| {name.replace('_', ' ')} | {value / gib:.3f} |" for name, value in estimate.parts.items()],
+        f"| **total** | **{estimate.total_bytes / gib:.3f}** |",
+    ]
+    if estimate.suggestions:
+        lines.append("")
+        lines.append("**To make it fit** (each on top of the previous):")
+        for s in estimate.suggestions:
+            lines.append(f"- {s['change']} → {s['estimate_bytes'] / gib:.2f} GiB ({s['verdict']})")
+    return "\n".join(lines)
 
 
 def _status_markdown(snap: dict) -> str:
@@ -71,6 +110,8 @@ def _status_markdown(snap: dict) -> str:
     text = f"**Status:** `{status}` &nbsp; **Run:** `{snap['run_dir']}`"
     if snap["error"]:
         text += f"\n\n**Error:** {snap['error']}"
+    for notice in snap.get("notices", []):
+        text += f"\n\n**Changed to fit in memory:** {notice}"
     if status == "stopped":
         text += "\n\nStopped with a checkpoint saved: press **Resume** to continue from it."
     if status == "finished":
@@ -137,7 +178,13 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
             message = f"**Not resumed:** {err.message}"
         return render(-1, message)
 
+    def on_estimate(*args):
+        return memory_markdown(ctx, dict(zip(FORM_FIELDS, args)))
+
     parts["start"].click(on_start, inputs=[parts["drawn"], *inputs], outputs=view)
+    # Start shows the estimate too, so a run that is about to run out of memory says so next to its chart.
+    parts["start"].click(on_estimate, inputs=inputs, outputs=parts["memory"], show_progress="hidden")
+    parts["estimate"].click(on_estimate, inputs=inputs, outputs=parts["memory"])
     parts["stop"].click(on_stop, inputs=parts["drawn"], outputs=view)
     parts["resume"].click(on_resume, inputs=parts["drawn"], outputs=view)
     parts["timer"].tick(lambda drawn: render(drawn), inputs=parts["drawn"], outputs=view, show_progress="hidden")

@@ -59,6 +59,9 @@ def test_main_path(page, shots):
 
     # 3. Train: Start, watch the loss chart gain points.
     _tab(page, "Train")
+    page.click("#estimate-btn")
+    _wait(lambda: "Memory estimate" in page.inner_text("#memory-estimate"), 30, "the memory estimate")
+    assert "fits" in page.inner_text("#memory-estimate")
     started = time.monotonic()
     page.click("#start-btn")
     _wait(lambda: _points(page) >= 1, 30, "the first loss point")

@@ -23,7 +23,7 @@ from ui.form import (
     form_to_config,
     validate_form,
 )
-from ui.train_tab import resume_latest, snapshot, start_from_form
+from ui.train_tab import _status_markdown, memory_markdown, resume_latest, snapshot, start_from_form
 
 
 @pytest.fixture
@@ -160,3 +160,23 @@ def test_config_tab_starts_on_the_offline_quickstart():
     assert isinstance(config, Config) and config.model.model_name == "builtin:tiny-llama"
     with pytest.raises(ConfigError):
         form_to_config(_form(fine_tuning_type="nonsense"), "/tmp")
+
+
+def test_memory_estimate_before_start(ctx):
+    text = memory_markdown(ctx, _form())
+    assert "Memory estimate" in text and "fits" in text
+    for part in ("weights", "activations", "logits", "total"):
+        assert part in text
+    assert "**No estimate:**" in memory_markdown(ctx, _form(learning_rate=-1))
+
+
+def test_multi_process_options_reach_the_config_and_the_cli_line(ctx):
+    config = form_to_config(_form(distributed="ddp", num_processes=2), ctx.output_root)
+    assert config.training.distributed.value == "ddp" and config.training.num_processes == 2
+    line = cli_command(config)
+    assert "distributed=ddp" in line and "num_processes=2" in line and "fsdp" not in line
+
+
+def test_out_of_memory_changes_are_shown_in_the_status():
+    snap = {"status": "running", "run_dir": "runs/x", "error": "", "notices": ["out of memory at step 2; retrying"]}
+    assert "Changed to fit in memory:** out of memory at step 2" in _status_markdown(snap)
