@@ -228,12 +228,17 @@ def generation_metrics(kind: str, samples: list[dict[str, Any]]) -> dict[str, fl
 
 
 def evaluate_run(
-    run_dir: str | Path, generations: int = 5, max_new_tokens: int = 64, compare_base: bool = True
+    run_dir: str | Path,
+    generations: int = 5,
+    max_new_tokens: int = 64,
+    compare_base: bool = True,
+    tuned_answer_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Re-evaluate a finished run on its held-out rows (same deterministic split), with generated answers.
+    """Evaluate a finished run on its held-out rows (same deterministic split), with generated answers.
 
     With ``compare_base`` the base model is scored on the same rows: every metric gets a ``base_`` twin,
-    so the gain from fine-tuning is visible in eval_results and predictions.jsonl.
+    so the gain from fine-tuning is visible in eval_results and predictions.jsonl. The training job passes
+    the answer-token metrics it just computed as ``tuned_answer_metrics`` so they are not computed twice.
     """
     from .data import prepare_data
     from .inference import generate_reply, load_generation_model
@@ -263,7 +268,10 @@ def evaluate_run(
     results: dict[str, Any] = {}
     for prefix, source in models:
         model, gen_tokenizer = load_generation_model(source)
-        scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
+        if prefix == "" and tuned_answer_metrics:
+            scores = dict(tuned_answer_metrics)
+        else:
+            scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
         for sample, row in zip(samples, rows):
             sample[f"{prefix}prediction"] = generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens)
         view = [dict(s, prediction=s[f"{prefix}prediction"]) for s in samples]
@@ -275,5 +283,13 @@ def evaluate_run(
     tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     tmp.replace(run.path / "predictions.jsonl")
     run.update(eval_results=results)
+    try:
+        from .report import write_report
+
+        write_report(run.path)
+    except Exception as exc:  # the results above are saved; the report is only a view of them
+        import logging
+
+        logging.getLogger("autotuning").warning("could not rewrite the run report: %s", exc)
     shown = ("prompt", "reference", "prediction", "base_prediction")
     return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}

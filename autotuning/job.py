@@ -321,6 +321,7 @@ def run_job(
                 if main:
                     run.update(status="stopped", global_step=step, checkpoint=str(checkpoint), timings=timings)
                     log.info("stopped at step %d; checkpoint %s; resume with --resume", step, checkpoint)
+                    _write_report(run.path)
                 return JobResult("stopped", run.path, step)
 
             if launched:
@@ -392,6 +393,25 @@ def run_job(
             if launched:
                 shutil.rmtree(run.path / ".trained", ignore_errors=True)
             timings["export_s"] = round(time.time() - t0, 2)
+
+            # 5. Generated answers, base vs fine-tuned, on held-out rows (from merged/: what users will ship).
+            gens = config.evaluation.eval_generations
+            if data.eval is not None and gens > 0 and (run.merged / "config.json").is_file():
+                from .evaluation import evaluate_run
+
+                t0 = time.time()
+                generated = evaluate_run(
+                    run.path,
+                    generations=gens,
+                    max_new_tokens=config.evaluation.eval_max_new_tokens,
+                    compare_base=True,
+                    tuned_answer_metrics={k: v for k, v in results.items() if k != "global_step"},
+                )
+                results = {**generated["results"], "global_step": step}
+                save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
+                timings["generation_eval_s"] = round(time.time() - t0, 2)
+                shown = {k: round(v, 4) for k, v in results.items() if k.startswith(("gen_", "base_gen_")) and isinstance(v, float)}
+                log.info("generated answers on %d held-out rows, base vs tuned: %s", min(gens, len(data.eval_rows)), shown)
             timings["total_s"] = round(time.time() - started, 2)
             best = trainer.state.best_model_checkpoint
             selection = None
@@ -417,6 +437,7 @@ def run_job(
                 exports=exports,
                 timings=timings,
             )
+            _write_report(run.path)
             return JobResult("finished", run.path, step, results, exports)
         except BaseException as exc:
             if not main:
@@ -477,3 +498,15 @@ def _peak_memory() -> dict[str, Any]:
     if torch.cuda.is_available():
         return {"bytes": int(torch.cuda.max_memory_allocated()), "what": "torch.cuda.max_memory_allocated"}
     return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "what": "peak RSS (ru_maxrss)"}
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html/report.md; a failure here is logged, never turned into a failed run."""
+    try:
+        from .report import write_report
+
+        html_path, _md = write_report(run_dir)
+        log.info("report: %s", html_path)
+    except Exception as exc:  # the run's results are already saved; the report is a view of them
+        log.warning("could not write the run report: %s: %s", type(exc).__name__, exc)
+        trace_log.warning("report traceback:\n%s", traceback.format_exc())

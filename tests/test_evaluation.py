@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import math
 
 import datasets
@@ -126,3 +129,39 @@ def test_csv_puts_base_and_tuned_side_by_side(tmp_path):
 
     path = save_eval_results({"accuracy": 0.5, "base_accuracy": 0.25, "eval_rows": 3, "base_eval_rows": 3}, tmp_path, "csv")
     assert path.read_text().splitlines() == ["metric,tuned,base", "accuracy,0.5,0.25", "eval_rows,3,3"]
+
+
+def test_tiny_model_memorises_qa_rows_tuned_exact_match_beats_base(tmp_path, jsonl):
+    """Trained on a handful of repeated QA rows, the tuned model answers them; the base does not."""
+    from autotuning.config import load_config
+    from autotuning.job import run_job
+
+    facts = [("Who wrote the letter?", "Mara"), ("What colour was the door?", "green"),
+             ("Which city hosted the fair?", "Lisbon"), ("How many boats were in the harbour?", "seven")]
+    context = "Mara wrote the letter. The door was green. The fair was in Lisbon. Seven boats were in the harbour."
+    path = jsonl([{"context": context, "question": q, "answer": a} for q, a in facts] * 25)
+    sets = {
+        "fine_tuning_type": "question_answering", "dataset_path": path, "output_dir": tmp_path / "run",
+        "peft_type": "none", "max_steps": 60, "learning_rate": 3e-3, "warmup_ratio": 0, "per_device_train_batch_size": 8,
+        "max_seq_length": 256, "eval_split": 0.1, "eval_generations": 8, "eval_max_new_tokens": 12, "eval_save_format": "csv",
+    }
+    result = run_job(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
+    assert result.status == "finished"
+    with (result.run_dir / "eval_results.csv").open(encoding="utf-8") as fh:
+        rows = {r["metric"]: r for r in csv.DictReader(fh)}
+    tuned, base = float(rows["gen_exact_match"]["tuned"]), float(rows["gen_exact_match"]["base"])
+    assert tuned > base, rows["gen_exact_match"]
+    assert float(rows["gen_f1"]["tuned"]) > float(rows["gen_f1"]["base"])
+    assert float(rows["eval_loss"]["tuned"]) < float(rows["eval_loss"]["base"])
+    predictions = [json.loads(line) for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and {"prompt", "reference", "prediction", "base_prediction"} <= set(predictions[0])
+
+    # The run report: curves (plotly inlined), the base-vs-tuned table, predictions, export checksums.
+    report = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="loss-chart"' in report and "Plotly.newPlot" in report
+    assert "<script src=" not in report  # self-contained: opens offline
+    assert "gen_exact_match" in report and "fine-tuned" in report and "Lisbon" in report
+    sha = hashlib.sha256((result.run_dir / "merged" / "model.safetensors").read_bytes()).hexdigest()
+    assert sha in report
+    markdown = (result.run_dir / "report.md").read_text(encoding="utf-8")
+    assert "| gen_exact_match |" in markdown and sha in markdown

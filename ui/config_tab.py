@@ -132,6 +132,15 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["eval_save_format"] = gr.Radio(
                     EvalSaveFormat.values(), value=v["eval_save_format"], label="Eval results file", info=_info("eval_save_format")
                 )
+            with gr.Row():
+                form["eval_generations"] = gr.Number(
+                    value=v["eval_generations"], precision=0, label="Answers to generate (base vs tuned)",
+                    info=_info("eval_generations"),
+                )
+                form["eval_max_new_tokens"] = gr.Number(
+                    value=v["eval_max_new_tokens"], precision=0, label="Max new tokens per answer",
+                    info=_info("eval_max_new_tokens"),
+                )
             form["run_name"] = gr.Textbox(
                 label="Run name", placeholder="empty = <timestamp>-<type>",
                 info=f"Folder under the output root ({ctx.output_root}) where the run is saved.",

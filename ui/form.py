@@ -66,6 +66,8 @@ CONFIG_FIELDS = [
     "save_format",
     "gguf_type",
     "eval_save_format",
+    "eval_generations",
+    "eval_max_new_tokens",
     "dataset_config",
     "dataset_split",
     "max_samples",

@@ -31,4 +31,12 @@ def export_run(run_dir, formats=("torch",), gguf_type: str | None = None) -> dic
     if SaveFormat.TENSORFLOW in wanted:
         results["tensorflow"] = export_tensorflow(run)
     run.update(exports=results)
+    try:
+        from ..report import write_report
+
+        write_report(run.path)  # new files and checksums in the report
+    except Exception as exc:  # the exports above are done and recorded; the report is only a view
+        import logging
+
+        logging.getLogger("autotuning").warning("could not rewrite the run report: %s", exc)
     return results

@@ -38,7 +38,7 @@ def _status(page) -> str:
     return page.inner_text("#train-status")
 
 
-def test_main_path(page, shots):
+def test_main_path(page, shots, app_url):
     # 1. Model & config: the tiny builtin model, enough steps to stop in the middle.
     model = page.locator("#cfg-model_name input")
     assert model.input_value() == "builtin:tiny-llama"
@@ -115,7 +115,20 @@ def test_main_path(page, shots):
     _tab(page, "Runs")
     _wait(lambda: "browser-main" in page.inner_text("#runs-table"), 20, "the run in the runs table")
     assert "finished" in page.inner_text("#runs-table")
+    page.click("#runs-pick input")
+    page.get_by_role("option", name=re.compile("browser-main")).first.click()
+    _wait(lambda: page.locator("#report-link").count() >= 1, 20, "the report link")
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
+
+    # 7. The run report opens from that link: the curves and the base-vs-tuned metrics table.
+    report = page.context.new_page()
+    report.goto(app_url.rstrip("/") + page.get_attribute("#report-link", "href"))
+    _wait(lambda: report.locator("#loss-chart .main-svg").count() >= 1, 30, "the report's loss chart")
+    metrics = report.inner_text("table.metrics")
+    assert "gen_exact_match" in metrics and "eval_loss" in metrics and "fine-tuned" in metrics
+    assert report.locator("table.files td", has_text="model.safetensors").count() >= 1
+    report.screenshot(path=str(shots / "report.png"), full_page=True)
+    report.close()
 
 
 def test_reload_redraws_the_whole_curve(page, app_url):
