@@ -738,11 +738,11 @@ def config_from_dict(data: dict[str, Any] | None, where: str = "config") -> Conf
         )
     flat = _flatten(data, where)
     kwargs: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
-    for name, value in flat.items():
-        group, _ = _FIELDS[name]
-        annotation = _resolved_types(_GROUPS[group])[name]
-        kwargs[group][name] = _coerce(name, annotation, value)
     try:
+        for name, value in flat.items():
+            group, _ = _FIELDS[name]
+            annotation = _resolved_types(_GROUPS[group])[name]
+            kwargs[group][name] = _coerce(name, annotation, value)
         groups = {group: cls(**kwargs[group]) for group, cls in _GROUPS.items()}
         return Config(**groups)
     except ConfigError as err:

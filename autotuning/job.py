@@ -442,12 +442,15 @@ def run_job(
         except BaseException as exc:
             if not main:
                 raise
-            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            user_error = exc if isinstance(exc, UserError) else _storage_error(exc, run.path)
+            message = user_error.message if user_error is not None else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, KeyboardInterrupt):
                 message = "interrupted"
             log.error("run failed: %s", message)
             trace_log.error("traceback:\n%s", traceback.format_exc())
             run.update(status="failed", error=message, timings=timings)
+            if user_error is not None and user_error is not exc:
+                raise user_error from None
             raise
 
 
@@ -510,3 +513,24 @@ def _write_report(run_dir: Path) -> None:
     except Exception as exc:  # the run's results are already saved; the report is a view of them
         log.warning("could not write the run report: %s: %s", type(exc).__name__, exc)
         trace_log.warning("report traceback:\n%s", traceback.format_exc())
+
+
+def _storage_error(exc: BaseException, run_dir: Path) -> UserError | None:
+    """A full disk or a write refused while saving is the user's to fix, not a bug: say so, keep what was saved."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    where = str(exc.filename or run_dir)
+    resume = f"python -m autotuning train --resume --set output_dir={run_dir}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            "no space left on the device while saving",
+            where,
+            f"free some space, then continue with '{resume}' (the checkpoints already saved are intact)",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(
+            f"writing was refused ({exc.strerror})", where, f"make the run directory writable, then '{resume}'"
+        )
+    return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from datetime import datetime
@@ -128,8 +129,13 @@ def resolve_run_dir(config: Config) -> RunDir:
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError("cannot write to output_dir (permission denied)", where, "choose a writable directory")
+    # Try for real: permission bits do not stop root, but a read-only mount or a quota does.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".autotuning-write-check-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to output_dir ({exc.strerror or exc})", where, "choose a writable directory"
+        ) from None
     return run
 
 

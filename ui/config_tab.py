@@ -27,7 +27,7 @@ from autotuning.modeling import BUILTIN_MODELS, BUILTIN_PREFIX
 from .context import AppContext
 from .form import FORM_FIELDS, cli_command, config_to_form, validate_form
 
-__all__ = ["build", "wire", "validate_on_load", "initial_config"]
+__all__ = ["build", "wire", "validate_on_load", "initial_config", "form_values_from_yaml"]
 
 MODEL_CHOICES = [BUILTIN_PREFIX + name for name in BUILTIN_MODELS] + [
     "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -159,6 +159,11 @@ def build(ctx: AppContext, form: dict) -> dict:
 # --------------------------------------------------------------------------- wiring
 
 
+def form_values_from_yaml(path: str) -> dict:
+    """Widget values for an uploaded YAML config; a bad file raises the same UserError the CLI prints."""
+    return config_to_form(load_config(path))
+
+
 def _values(args) -> dict:
     return dict(zip(FORM_FIELDS, args))
 
@@ -198,10 +203,9 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
 
     def on_load(path):
         try:
-            config = load_config(path)
+            values = form_values_from_yaml(path)
         except UserError as err:
             raise gr.Error(err.message) from None
-        values = config_to_form(config)
         updates = []
         for name in FORM_FIELDS:
             if isinstance(form[name], gr.State):

@@ -38,10 +38,9 @@ def _text(row: dict, key: str, *, required: bool = True) -> str:
         if required:
             raise RowError("is missing or null", key)
         return ""
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
-        raise RowError(f"must be text, got {type(value).__name__}", key)
-    if isinstance(value, (int, float)):
-        value = str(value)  # a number as an answer is legitimate ("42")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # JSON numbers are usually a column mix-up (an id, a score); a numeric answer is written as text.
+        raise RowError(f'must be text, got the number {value!r} (write it as a string: "{value}")', key)
     if not isinstance(value, str):
         raise RowError(f"must be text, got {type(value).__name__}", key)
     value = value.strip()
@@ -58,10 +57,10 @@ def _answers(row: dict, key: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [str(value)]
+        raise RowError(f'must be text, got the number {value!r} (write it as a string: "{value}")', key)
     if not isinstance(value, list):
         raise RowError("must be a string, a list of strings or {'text': [...]}", key)
-    answers = [str(v).strip() for v in value if isinstance(v, (str, int, float)) and str(v).strip()]
+    answers = [v.strip() for v in value if isinstance(v, str) and v.strip()]
     if not answers:
         raise RowError("has no non-empty answer", key)
     return answers

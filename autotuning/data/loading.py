@@ -195,6 +195,14 @@ def _load_local(path: Path) -> RawData:
             raise DataError(
                 "the directory holds no data files", str(path), f"add {', '.join(SUPPORTED_SUFFIXES)} files"
             )
+        suffixes = sorted({p.suffix.lower() for p in files})
+        if len(suffixes) > 1:
+            examples = ", ".join(next(p.name for p in files if p.suffix.lower() == s) for s in suffixes)
+            raise DataError(
+                f"the directory mixes file types ({', '.join(suffixes)}: {examples})",
+                str(path),
+                "keep one file type per directory (convert the others, or point dataset_path at one file)",
+            )
         rows: list[dict] = []
         locations: list[str] = []
         columns_seen: dict[frozenset, Path] = {}
@@ -267,6 +275,35 @@ def _load_hub(
     return RawData(rows, f"hub:{dataset_id}", [f"hub:{dataset_id}, row {i + 1}" for i in range(len(rows))])
 
 
+# More text than any max_seq_length can use (a 128k-token context is ~0.5M characters): a row this big is a
+# broken export (a whole file in one cell, a missing newline), and tokenising it would take minutes and gigabytes.
+MAX_ROW_CHARS = 8_000_000
+
+
+def _text_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+def _check_row_sizes(data: RawData) -> RawData:
+    for i, row in enumerate(data.rows):
+        size = _text_size(row)
+        if size > MAX_ROW_CHARS:
+            where = data.locations[i] if i < len(data.locations) else f"{data.source}, row {i + 1}"
+            raise DataError(
+                f"one row holds {size / 1e6:.1f}M characters of text, over the {MAX_ROW_CHARS / 1e6:.0f}M limit "
+                "(more than any max_seq_length can use)",
+                where,
+                "split that row into several rows or shorten it; a whole document in one cell is usually a broken export",
+            )
+    return data
+
+
 def load_rows(
     kind: FineTuningType,
     dataset_path: str,
@@ -296,7 +333,7 @@ def load_rows(
         return data
     path = Path(dataset_path).expanduser()
     if path.exists():
-        return _load_local(path)
+        return _check_row_sizes(_load_local(path))
     if path.suffix.lower() in SUPPORTED_SUFFIXES or not _looks_like_hub_id(dataset_path):
         raise DataError(
             "dataset file not found", f"field 'dataset_path' = {dataset_path}", "check the path (relative paths "
