@@ -167,6 +167,11 @@ class ModelConfig:
     trust_remote_code: bool = _help(
         "Run model code shipped in the Hub repo. Off by default: turn on only for repos you trust.", default=False
     )
+    allow_pickle_weights: bool = _help(
+        "Load weights saved with pickle (.bin/.pt), which can run arbitrary code when loaded. Off by default: "
+        "only safetensors weights are loaded. Turn on only for models you trust.",
+        default=False,
+    )
     hf_token: str = _help(
         "Hugging Face token for gated/private models and datasets. Never written to disk or logs; "
         "defaults to the HF_TOKEN environment variable.",

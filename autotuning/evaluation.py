@@ -267,7 +267,7 @@ def evaluate_run(
     models = [("", str(run.path))] + ([("base_", config.model.model_name)] if compare_base else [])
     results: dict[str, Any] = {}
     for prefix, source in models:
-        model, gen_tokenizer = load_generation_model(source)
+        model, gen_tokenizer = load_generation_model(source, like=config if prefix else None)
         if prefix == "" and tuned_answer_metrics:
             scores = dict(tuned_answer_metrics)
         else:

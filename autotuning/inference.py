@@ -18,8 +18,12 @@ from .errors import ModelError
 __all__ = ["ModelCache", "load_generation_model", "generate_reply"]
 
 
-def load_generation_model(source: str):
-    """(model, tokenizer) for a run directory (its merged export) or a model name (builtin, Hub id, local)."""
+def load_generation_model(source: str, like=None):
+    """(model, tokenizer) for a run directory (its merged export) or a model name (builtin, Hub id, local).
+
+    ``like`` is the run's Config when ``source`` is its base model: the base then loads with the run's
+    token, trust_remote_code and allow_pickle_weights settings.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from .config import load_config
@@ -36,7 +40,7 @@ def load_generation_model(source: str):
         tokenizer = tok_cls.from_pretrained(merged)
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     else:
-        config = load_config(None, [f"model_name={source}"])
+        config = like.replace(model_name=source) if like is not None else load_config(None, [f"model_name={source}"])
         tokenizer = load_tokenizer(config)
         model = load_model(config, for_training=False).model
     if tokenizer.pad_token is None:
@@ -76,13 +80,13 @@ class ModelCache:
         self._items: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, source: str, fresh: bool = False):
+    def get(self, source: str, fresh: bool = False, like=None):
         key = str(Path(source).resolve()) if Path(source).exists() else source
         with self._lock:
             if not fresh and key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        loaded = load_generation_model(source)
+        loaded = load_generation_model(source, like)
         with self._lock:
             self._items[key] = loaded
             while len(self._items) > self.capacity:

@@ -431,6 +431,21 @@ class LoadedModel:
     precision: str  # resolved training precision: fp32 | bf16 | fp16
 
 
+def _has_pickle_weights(path: str, config: Config) -> bool:
+    """Does the model directory or Hub repo hold .bin/.pt weights (and no safetensors)?"""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        names = [p.name for p in local.iterdir()]
+    else:
+        try:
+            from huggingface_hub import list_repo_files
+
+            names = list_repo_files(path, token=config.model.hf_token or None)
+        except Exception:
+            return False
+    return any(n.endswith((".bin", ".pt", ".pth")) for n in names) and not any(n.endswith(".safetensors") for n in names)
+
+
 def load_model(config: Config, for_training: bool = True) -> LoadedModel:
     """Load the base model as configured: unquantized, or 4/8-bit with bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -442,6 +457,8 @@ def load_model(config: Config, for_training: bool = True) -> LoadedModel:
     kwargs: dict[str, Any] = {
         "token": config.model.hf_token or None,
         "trust_remote_code": config.model.trust_remote_code,
+        # Pickled weights can execute code on load: safetensors only, unless the user opted in.
+        "use_safetensors": None if config.model.allow_pickle_weights else True,
     }
     cuda = torch.cuda.is_available()
     # Weights stay fp32 on CPU (autocast does the bf16 math); on GPU half-precision weights halve memory.
@@ -471,6 +488,12 @@ def load_model(config: Config, for_training: bool = True) -> LoadedModel:
             f"a library needed to load '{name}' is missing ({exc})", "field 'model_name'", "pip install -r requirements.txt"
         ) from None
     except Exception as exc:
+        if not config.model.allow_pickle_weights and "safetensors" in str(exc).lower() and _has_pickle_weights(path, config):
+            raise ModelError(
+                f"'{name}' only ships pickle weights (.bin/.pt), which can run arbitrary code when loaded",
+                "field 'model_name'",
+                "use a safetensors copy of the model, or set allow_pickle_weights: true if you trust its author",
+            ) from None
         raise _hub_error(name, exc, "model") from None
     if for_training and config.training.gradient_checkpointing:
         model.config.use_cache = False

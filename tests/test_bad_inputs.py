@@ -249,3 +249,29 @@ def test_full_disk_while_exporting_keeps_the_checkpoints_and_leaves_no_half_expo
     assert record["status"] == "failed" and "no space left" in record["error"]
     assert (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()  # training is not lost
     assert not (out / ".merged.tmp").exists() and not (out / "merged").exists()  # no half-written export
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from autotuning.modeling import resolve_model_path
+
+    source = resolve_model_path("builtin:tiny-llama")
+    model_dir = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(model_dir)
+    PreTrainedTokenizerFast.from_pretrained(source).save_pretrained(model_dir)
+    torch.save(load_file(str(model_dir / "model.safetensors")), model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+
+    rc, err = _cli(["train", "--set", f"model_name={model_dir}", "--set", f"output_dir={tmp_path / 'a'}", "--quiet"])
+    _assert_one_clear_error(rc, err, "pickle", "allow_pickle_weights")
+    assert not (tmp_path / "a").exists()
+    rc, err = _cli(["train", "--set", f"model_name={model_dir}", "--set", "allow_pickle_weights=true",
+                    "--set", f"output_dir={tmp_path / 'b'}", "--set", "max_steps=2", "--quiet"])
+    assert rc == 0, err
+    assert {p.suffix for p in (tmp_path / "b" / "merged").iterdir()} >= {".safetensors"}  # we only write safetensors
+    # Weights we write are safetensors everywhere (checkpoints too); the Trainer's own state files are not weights.
+    weights = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("model", "adapter_model", "pytorch_model"))]
+    assert weights and all(name.endswith(".safetensors") for name in weights), weights

@@ -40,7 +40,7 @@ def reply_both(ctx: AppContext, run_dir: str, message: str, tuned_history: list,
     config = load_run_config(run_dir)
     out = []
     for source, history in ((run_dir, tuned_history), (config.model.model_name, base_history)):
-        model, tokenizer = ctx.models.get(source)
+        model, tokenizer = ctx.models.get(source, like=config if source != run_dir else None)
         messages = [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": message}]
         reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
         out.append(history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply or "(empty reply)"}])
