@@ -512,6 +512,11 @@ def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.training.gradient_checkpointing
         )
+    # The adapters' random initialisation happens here, before the Trainer seeds anything: seed it, so the same
+    # seed gives the same run.
+    from transformers import set_seed
+
+    set_seed(config.training.seed)
     targets = config.peft.lora_target_modules
     target_modules: str | list[str] = "all-linear" if targets == ["all-linear"] else list(targets)
     lora = LoraConfig(
