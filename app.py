@@ -29,6 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("AUTOTUNING_OUTPUT_ROOT", "runs"),
         help="directory where runs are saved and listed (env AUTOTUNING_OUTPUT_ROOT; default ./runs)",
     )
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dirs",
+        action="append",
+        default=[d for d in os.environ.get("AUTOTUNING_DATA_DIRS", "").split(os.pathsep) if d],
+        metavar="DIR",
+        help="a folder whose files may be typed as a dataset path in the app (repeatable; env AUTOTUNING_DATA_DIRS). "
+        "Without it the app reads local data only from uploads",
+    )
     return parser.parse_args(argv)
 
 
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ui import ASSETS, AppContext, build_app, theme
 
-    ctx = AppContext.create(args.output_root)
+    ctx = AppContext.create(args.output_root, args.data_dirs)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     demo.launch(
@@ -65,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         theme=theme(),
         css=(ASSETS / "style.css").read_text(encoding="utf-8"),
         favicon_path=str(ASSETS / "logo.svg"),
+        # Run files (exports, reports) are served from the output root; other people's uploads are not.
         allowed_paths=[str(ctx.output_root)],
+        blocked_paths=[str(ctx.workspace)],
     )
 
 

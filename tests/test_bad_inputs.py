@@ -20,7 +20,7 @@ from autotuning.cli import main
 from autotuning.errors import UserError
 from ui.config_tab import form_values_from_yaml, initial_config
 from ui.context import AppContext
-from ui.form import FORM_FIELDS, SOURCE_HUB, SOURCE_UPLOAD, config_to_form
+from ui.form import FORM_FIELDS, SOURCE_HUB, SOURCE_UPLOAD, config_to_form, stage_upload
 from ui.train_tab import start_from_form
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
@@ -125,7 +125,7 @@ def test_bad_config_through_the_cli(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    return AppContext.create(tmp_path_factory.mktemp("ui") / "runs")
+    return AppContext.create(tmp_path_factory.mktemp("ui") / "runs", data_dirs=[BAD])
 
 
 def _form(**changes) -> dict:
@@ -145,10 +145,10 @@ def _wait(run, timeout: float = 60.0) -> None:
 def test_bad_dataset_through_the_ui(name, ctx):
     kind, needle = DATA_CASES[name]
     path = BAD / name
-    if path.is_dir():  # a directory is typed as a path; files go through the upload widget
+    if path.is_dir():  # a directory is typed as a path (allowed by --data-dir); files go through the upload widget
         form = _form(dataset_source=SOURCE_HUB, hub_dataset=str(path))
     else:
-        form = _form(dataset_source=SOURCE_UPLOAD, upload=str(path))
+        form = _form(dataset_source=SOURCE_UPLOAD, upload=stage_upload(str(path), ctx.workspace))
     form.update(fine_tuning_type={"instruction": "instruction_fine_tuning", "chat": "chat_fine_tuning",
                                   "qa": "question_answering", "rag": "rag_fine_tuning"}[kind],
                 max_seq_length=512, run_name=f"bad-{path.stem}")
@@ -159,7 +159,7 @@ def test_bad_dataset_through_the_ui(name, ctx):
     assert run.status.value == "failed"
     assert "Traceback" not in run.error and "internal error" not in run.error
     assert path.name.replace(" ", "_") in run.error and needle in run.error, run.error
-    assert _entries(ctx.output_root) == before
+    assert _entries(ctx.output_root) == before  # no run directory (uploads are staged in .workspace)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CASES))

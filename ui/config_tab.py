@@ -170,7 +170,7 @@ def _values(args) -> dict:
 
 def _on_change(ctx: AppContext):
     def on_change(*args):
-        config, message = validate_form(_values(args), ctx.output_root)
+        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs)
         if config is None:
             return f"**Not valid yet:** {message}", gr.update()
         return "Config is valid.", cli_command(config)
@@ -192,7 +192,7 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
             component.change(on_change, inputs=inputs, outputs=[parts["validation"], parts["cli"]], show_progress="hidden")
 
     def on_save(*args):
-        config, message = validate_form(_values(args), ctx.output_root)
+        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs)
         if config is None:
             raise gr.Error(message)
         path = ctx.workspace / "config.yaml"

@@ -22,14 +22,17 @@ class AppContext:
     output_root: Path
     workspace: Path
     models: ModelCache = field(default_factory=ModelCache)
+    # Folders whose files may be typed as a dataset path in the app (besides uploads): --data-dir.
+    data_dirs: list[Path] = field(default_factory=list)
 
     @classmethod
-    def create(cls, output_root: str | Path) -> AppContext:
+    def create(cls, output_root: str | Path, data_dirs: list[str | Path] | None = None) -> AppContext:
         root = Path(output_root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         workspace = root / ".workspace"
         workspace.mkdir(exist_ok=True)
-        return cls(pipeline=Pipeline(root), output_root=root, workspace=workspace)
+        dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [])]
+        return cls(pipeline=Pipeline(root), output_root=root, workspace=workspace, data_dirs=dirs)
 
     def runs(self) -> list[dict]:
         current = self.pipeline.current

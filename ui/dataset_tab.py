@@ -48,7 +48,7 @@ def build(ctx: AppContext, form: dict) -> dict:
 
 def inspect_form(values: dict, ctx: AppContext):
     """The preview for the current form: summary markdown, histogram, table, example HTML."""
-    config = form_to_config(values, ctx.output_root)
+    config = form_to_config(values, ctx.output_root, ctx.data_dirs)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
     train, evaluation = data.stats["train"], data.stats["eval"] or {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from autotuning.config import Config, ConfigError, config_from_dict
 
@@ -90,10 +90,33 @@ def _run_dir(run_name: str, output_root: Path) -> str:
             "field 'run name'",
             "use letters, digits, '.', '-' or '_' (the run is saved under the output root)",
         )
-    return str(output_root / name)
+    target = output_root / name
+    if target.is_symlink() or not target.resolve().is_relative_to(output_root.resolve()):
+        raise ConfigError(
+            f"run name {name!r} is a link that leads out of the output root",
+            "field 'run name'",
+            "pick another name; runs are written only inside the output root",
+        )
+    return str(target)
 
 
-def _dataset_path(source: str, hub_id: str, upload: str | None) -> str:
+def _confined(path_text: str, allowed: list[Path], field: str) -> str:
+    """A local path typed or uploaded in the app, accepted only inside the app's own folders (and --data-dir)."""
+    resolved = Path(path_text).expanduser().resolve()
+    if any(resolved.is_relative_to(root.resolve()) for root in allowed):
+        return str(resolved)
+    raise ConfigError(
+        "the app reads local files only from its own folders (uploads, the output root) and --data-dir folders",
+        f"field '{field}' = {path_text}",
+        "upload the file instead, or start the app with --data-dir <folder that holds it>",
+    )
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or Path(text).expanduser().exists()
+
+
+def _dataset_path(source: str, hub_id: str, upload: str | None, allowed: list[Path]) -> str:
     if source == SOURCE_SAMPLE:
         return "sample"
     if source == SOURCE_BUILTIN:
@@ -101,16 +124,21 @@ def _dataset_path(source: str, hub_id: str, upload: str | None) -> str:
     if source == SOURCE_HUB:
         if not (hub_id or "").strip():
             raise ConfigError("no Hub dataset id given", "field 'Hub dataset id'", "type an id such as yahma/alpaca-cleaned")
-        return hub_id.strip()
+        hub_id = hub_id.strip()
+        return _confined(hub_id, allowed, "Hub dataset id") if _looks_local(hub_id) else hub_id
     if source == SOURCE_UPLOAD:
         if not upload:
             raise ConfigError("no file uploaded", "Dataset tab", "upload a .json, .jsonl, .csv or .parquet file")
-        return str(upload)
+        return _confined(str(upload), allowed, "upload")
     raise ConfigError(f"unknown dataset source {source!r}", "Dataset tab", f"pick one of: {', '.join(DATASET_SOURCES)}")
 
 
-def form_to_config(values: dict[str, Any], output_root: str | Path) -> Config:
-    """The one conversion from widget values to a validated Config (raises ConfigError with the field)."""
+def form_to_config(values: dict[str, Any], output_root: str | Path, data_dirs: Sequence[Path] = ()) -> Config:
+    """The one conversion from widget values to a validated Config (raises ConfigError with the field).
+
+    Local paths are confined: datasets only from the output root (uploads are staged in its workspace) and
+    ``data_dirs``; runs only inside the output root.
+    """
     data: dict[str, Any] = {}
     for name in CONFIG_FIELDS:
         if name not in values:
@@ -123,7 +151,10 @@ def form_to_config(values: dict[str, Any], output_root: str | Path) -> Config:
         if value is None:
             continue  # an emptied number box: keep the default
         data[name] = value
-    data["dataset_path"] = _dataset_path(values.get("dataset_source", SOURCE_SAMPLE), values.get("hub_dataset", ""), values.get("upload"))
+    allowed = [Path(output_root), *map(Path, data_dirs)]
+    data["dataset_path"] = _dataset_path(
+        values.get("dataset_source", SOURCE_SAMPLE), values.get("hub_dataset", ""), values.get("upload"), allowed
+    )
     data["output_dir"] = _run_dir(values.get("run_name", ""), Path(output_root))
     return config_from_dict(data, where="form")
 
@@ -165,10 +196,12 @@ def cli_command(config: Config) -> str:
     return " \\\n    ".join(parts)
 
 
-def validate_form(values: dict[str, Any], output_root: str | Path) -> tuple[Config | None, str]:
+def validate_form(
+    values: dict[str, Any], output_root: str | Path, data_dirs: Sequence[Path] = ()
+) -> tuple[Config | None, str]:
     """(config, '') when valid, else (None, the message to show inline)."""
     try:
-        return form_to_config(values, output_root), ""
+        return form_to_config(values, output_root, data_dirs), ""
     except ConfigError as err:
         return None, err.message
 

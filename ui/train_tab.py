@@ -77,7 +77,7 @@ def memory_markdown(ctx: AppContext, values: dict) -> str:
     from autotuning.estimate import estimate_memory
 
     try:
-        config = form_to_config(values, ctx.output_root)
+        config = form_to_config(values, ctx.output_root, ctx.data_dirs)
         estimate = estimate_memory(config)
     except UserError as err:
         return f"**No estimate:** {err.message}"
@@ -120,7 +120,7 @@ def _status_markdown(snap: dict) -> str:
 
 
 def start_from_form(ctx: AppContext, values: dict) -> str:
-    config = form_to_config(values, ctx.output_root)
+    config = form_to_config(values, ctx.output_root, ctx.data_dirs)
     run = ctx.pipeline.start(config)
     return f"Started `{run.run_dir}`."
 

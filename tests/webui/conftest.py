@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,14 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app-runs")
+def start_app(root: Path, *extra: str):
+    """Start `python app.py` on a free port with ``root`` as output root; returns (process, url, log file)."""
     port = _free_port()
     log = open(root.parent / f"app-{port}.log", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port), "--output-root", str(root)],
+        [sys.executable, "app.py", "--port", str(port), "--output-root", str(root), *extra],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -53,18 +53,37 @@ def app_url(tmp_path_factory):
         try:
             urllib.request.urlopen(url, timeout=2)
             break
+        except urllib.error.HTTPError:
+            break  # it answers (e.g. 401 behind --auth)
         except OSError:
             time.sleep(0.5)
     else:
         proc.kill()
         raise RuntimeError("app.py did not start within 90 s")
-    yield url
+    return proc, url, log
+
+
+def stop_app(proc, log) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """(url, output root) of a running app."""
+    root = tmp_path_factory.mktemp("app-runs")
+    proc, url, log = start_app(root)
+    yield url, root
+    stop_app(proc, log)
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +114,20 @@ def shots(tmp_path):
     target = Path(os.environ.get("AUTOTUNING_SCREENSHOTS") or tmp_path)
     target.mkdir(parents=True, exist_ok=True)
     return target
+
+
+@pytest.fixture
+def launch_app(tmp_path):
+    """Start extra apps (e.g. with --auth) for one test; they are stopped afterwards. Returns url."""
+    started = []
+
+    def launch(*extra: str) -> str:
+        root = tmp_path / f"runs-{len(started)}"
+        root.mkdir()
+        proc, url, log = start_app(root, *extra)
+        started.append((proc, log))
+        return url
+
+    yield launch
+    for proc, log in started:
+        stop_app(proc, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,36 @@ def test_multi_process_options_reach_the_config_and_the_cli_line(ctx):
 def test_out_of_memory_changes_are_shown_in_the_status():
     snap = {"status": "running", "run_dir": "runs/x", "error": "", "notices": ["out of memory at step 2; retrying"]}
     assert "Changed to fit in memory:** out of memory at step 2" in _status_markdown(snap)
+
+
+def test_paths_typed_in_the_app_stay_inside_its_folders(ctx, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    # A typed local path outside the output root and --data-dir folders is refused, whatever the source widget.
+    for form in (_form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")),
+                 _form(dataset_source=SOURCE_HUB, hub_dataset="/etc"),
+                 _form(dataset_source=SOURCE_UPLOAD, upload=str(outside / "data.jsonl"))):
+        with pytest.raises(ConfigError, match="--data-dir"):
+            form_to_config(form, ctx.output_root, ctx.data_dirs)
+    # Allowed with --data-dir; a Hub id is never mistaken for a path.
+    config = form_to_config(_form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")), ctx.output_root, [outside])
+    assert config.data.dataset_path == str((outside / "data.jsonl").resolve())
+    assert form_to_config(_form(dataset_source=SOURCE_HUB, hub_dataset="yahma/alpaca-cleaned"), ctx.output_root).data.dataset_path == "yahma/alpaca-cleaned"
+    # Run names cannot climb out or follow a link out of the output root.
+    for name in ("../escape", "/abs/path", "a/b"):
+        with pytest.raises(ConfigError, match="run name"):
+            form_to_config(_form(run_name=name), ctx.output_root)
+    (ctx.output_root / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConfigError, match="leads out of the output root"):
+        form_to_config(_form(run_name="linked"), ctx.output_root)
+
+
+def test_uploads_are_staged_inside_the_workspace(ctx, tmp_path):
+    from ui.form import stage_upload
+
+    src = tmp_path / "my data (1).jsonl"
+    src.write_text('{"instruction": "a", "output": "b"}\n')
+    staged = Path(stage_upload(str(src), ctx.workspace))
+    assert staged.parent == ctx.workspace / "uploads" and staged.name == "my_data__1_.jsonl"
+    assert form_to_config(_form(dataset_source=SOURCE_UPLOAD, upload=str(staged)), ctx.output_root).data.dataset_path == str(staged)
