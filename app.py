@@ -41,6 +41,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list[str]]:
+    """(login or None, warnings) for how the app will be reachable; ValueError for a malformed --auth."""
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth expects user:password")
+        auth = (user, password)
+    warnings = []
+    if auth is None and args.share:
+        warnings.append("--share without --auth makes the app public to anyone with the link: add --auth user:password")
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.append(f"--host {args.host} without --auth lets anyone on the network use the app: add --auth user:password")
+    return auth, warnings
+
+
 def _warm_imports() -> None:
     """Import the training stack in the background so the first Start does not wait for it."""
     import peft  # noqa: F401
@@ -50,14 +66,12 @@ def _warm_imports() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            sys.exit("error: --auth expects user:password")
-        auth = (user, password)
-    if args.share and auth is None:
-        print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
+    try:
+        auth, warnings = check_access(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     logging.basicConfig(level=logging.WARNING)
     threading.Thread(target=_warm_imports, daemon=True).start()
 

@@ -275,3 +275,17 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
     # Weights we write are safetensors everywhere (checkpoints too); the Trainer's own state files are not weights.
     weights = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("model", "adapter_model", "pytorch_model"))]
     assert weights and all(name.endswith(".safetensors") for name in weights), weights
+
+
+def test_the_token_is_not_echoed_by_errors_or_printed_configs(tmp_path, monkeypatch):
+    sentinel = "hf_SENTINEL_never_print_me_987654321"
+    monkeypatch.setenv("HF_TOKEN", sentinel)
+    for argv in (["train", "--set", "model_name=nobody/no-such-model", "--set", f"output_dir={tmp_path / 'a'}"],
+                 ["train", "--set", "dataset_path=nobody/no-such-dataset", "--set", f"output_dir={tmp_path / 'b'}"],
+                 ["train", "--set", f"hf_token={sentinel}", "--set", "learning_rate=-1"]):
+        rc, err = _cli(argv)
+        assert rc == 2 and sentinel not in err
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        assert main(["show-config", "--set", f"hf_token={sentinel}"]) == 0
+    assert sentinel not in out.getvalue() and "hf_token" in out.getvalue()

@@ -27,7 +27,7 @@ from autotuning.modeling import BUILTIN_MODELS, BUILTIN_PREFIX
 from .context import AppContext
 from .form import FORM_FIELDS, cli_command, config_to_form, validate_form
 
-__all__ = ["build", "wire", "validate_on_load", "initial_config", "form_values_from_yaml"]
+__all__ = ["build", "wire", "validate_on_load", "initial_config", "form_values_from_yaml", "code_safety_notice"]
 
 MODEL_CHOICES = [BUILTIN_PREFIX + name for name in BUILTIN_MODELS] + [
     "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -67,6 +67,10 @@ def build(ctx: AppContext, form: dict) -> dict:
                 info=_info("hf_token"),
             )
             form["trust_remote_code"] = gr.Checkbox(value=v["trust_remote_code"], label="Trust remote code", info=_info("trust_remote_code"))
+            form["allow_pickle_weights"] = gr.Checkbox(
+                value=v["allow_pickle_weights"], label="Allow pickle weights", info=_info("allow_pickle_weights")
+            )
+            parts_warning = gr.Markdown(code_safety_notice(v["trust_remote_code"], v["allow_pickle_weights"]), elem_id="code-warning")
             gr.Markdown("### LoRA")
             with gr.Row():
                 form["lora_r"] = gr.Number(value=v["lora_r"], precision=0, label="LoRA r", info=_info("lora_r"))
@@ -145,7 +149,7 @@ def build(ctx: AppContext, form: dict) -> dict:
                 label="Run name", placeholder="empty = <timestamp>-<type>",
                 info=f"Folder under the output root ({ctx.output_root}) where the run is saved.",
             )
-    parts: dict = {}
+    parts: dict = {"code_warning": parts_warning}
     parts["validation"] = gr.Markdown(elem_id="config-validation")
     with gr.Accordion("Config as YAML / command line", open=False):
         with gr.Row():
@@ -157,6 +161,18 @@ def build(ctx: AppContext, form: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- wiring
+
+
+def code_safety_notice(trust_remote_code: bool, allow_pickle_weights: bool) -> str:
+    """The warning shown while an option lets the model's files run code on this machine (empty otherwise)."""
+    risks = []
+    if trust_remote_code:
+        risks.append("**Trust remote code** runs Python shipped in the model's repository")
+    if allow_pickle_weights:
+        risks.append("**Allow pickle weights** loads .bin/.pt files that can execute code when unpickled")
+    if not risks:
+        return ""
+    return "⚠️ " + "; ".join(risks) + ", with this app's permissions. Turn it on only for repositories you trust."
 
 
 def form_values_from_yaml(path: str) -> dict:
@@ -215,3 +231,14 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         return updates
 
     parts["load_yaml"].upload(on_load, inputs=parts["load_yaml"], outputs=inputs)
+
+    def on_code_options(trust, pickle):
+        notice = code_safety_notice(trust, pickle)
+        if notice:
+            gr.Warning(notice.replace("**", "").replace("⚠️ ", ""))
+        return notice
+
+    for name in ("trust_remote_code", "allow_pickle_weights"):
+        form[name].change(
+            on_code_options, inputs=[form["trust_remote_code"], form["allow_pickle_weights"]], outputs=parts["code_warning"]
+        )

@@ -35,6 +35,7 @@ DATASET_SOURCES = [SOURCE_SAMPLE, SOURCE_BUILTIN, SOURCE_HUB, SOURCE_UPLOAD]
 CONFIG_FIELDS = [
     "model_name",
     "trust_remote_code",
+    "allow_pickle_weights",
     "hf_token",
     "fine_tuning_type",
     "quantization",

@@ -214,3 +214,25 @@ def test_uploads_are_staged_inside_the_workspace(ctx, tmp_path):
     staged = Path(stage_upload(str(src), ctx.workspace))
     assert staged.parent == ctx.workspace / "uploads" and staged.name == "my_data__1_.jsonl"
     assert form_to_config(_form(dataset_source=SOURCE_UPLOAD, upload=str(staged)), ctx.output_root).data.dataset_path == str(staged)
+
+
+def test_options_that_run_code_show_a_warning():
+    from ui.config_tab import code_safety_notice
+
+    assert code_safety_notice(False, False) == ""
+    assert "Trust remote code" in code_safety_notice(True, False)
+    assert "pickle" in code_safety_notice(False, True) and "trust" in code_safety_notice(False, True)
+    assert initial_config().model.trust_remote_code is False and initial_config().model.allow_pickle_weights is False
+
+
+def test_share_or_open_host_without_auth_warns():
+    from app import check_access, parse_args
+
+    auth, warnings = check_access(parse_args(["--share"]))
+    assert auth is None and any("--share without --auth" in w for w in warnings)
+    auth, warnings = check_access(parse_args(["--share", "--auth", "u:p"]))
+    assert auth == ("u", "p") and warnings == []
+    assert check_access(parse_args([]))[1] == []  # local only: no warning
+    assert any("--host 0.0.0.0" in w for w in check_access(parse_args(["--host", "0.0.0.0"]))[1])
+    with pytest.raises(ValueError, match="user:password"):
+        check_access(parse_args(["--auth", "nopassword"]))
