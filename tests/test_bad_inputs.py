@@ -288,4 +288,4 @@ def test_the_token_is_not_echoed_by_errors_or_printed_configs(tmp_path, monkeypa
     out = io.StringIO()
     with redirect_stdout(out), redirect_stderr(io.StringIO()):
         assert main(["show-config", "--set", f"hf_token={sentinel}"]) == 0
-    assert sentinel not in out.getvalue() and "hf_token" in out.getvalue()
+    assert sentinel not in out.getvalue() and "model_name" in out.getvalue()
