@@ -234,3 +234,35 @@ def test_evaluate_run_writes_task_metrics_and_predictions(tmp_path):
     assert {"base_eval_loss", "base_accuracy", "base_gen_exact_match", "base_gen_f1"} <= set(saved)
     assert saved["base_eval_loss"] != saved["eval_loss"]
     assert "base_prediction" in predictions[0]
+
+
+def test_default_batches_are_not_padded_to_max_seq_length(tmp_path, jsonl):
+    """Rows are padded to the longest in their batch (never to max_seq_length) and length grouping cuts padding."""
+    from autotuning.data import prepare_data
+    from autotuning.data.loading import sample_path
+
+    sample = [json.loads(line) for line in sample_path(FineTuningType.INSTRUCTION).read_text().splitlines()]
+    path = jsonl(sample * 8)  # 960 rows: enough for the sampler's length-sorted megabatches
+    from autotuning.modeling import apply_peft, load_model, load_tokenizer
+    from autotuning.training import build_trainer
+
+    def padding(**extra):
+        config = _config(tmp_path, FineTuningType.INSTRUCTION, dataset_path=path, max_seq_length=1024,
+                         per_device_train_batch_size=8, eval_split=0, **extra)
+        tokenizer = load_tokenizer(config)
+        data = prepare_data(config, tokenizer)
+        loaded = load_model(config)
+        trainer = build_trainer(config, apply_peft(loaded.model, config), tokenizer, data.train, None,
+                                tmp_path / "ckpt", loaded.precision, callbacks=[], show_progress=False)
+        real = total = 0
+        widths = []
+        for batch in trainer.get_train_dataloader():  # one epoch
+            real += int(batch["attention_mask"].sum())
+            total += batch["input_ids"].numel()
+            widths.append(batch["input_ids"].shape[1])
+        return 1 - real / total, max(widths)
+
+    grouped, widest = padding()
+    shuffled, _ = padding(group_by_length=False)
+    assert widest < 1024  # the longest sample row is far shorter than max_seq_length: no padding up to it
+    assert grouped < 0.5 * shuffled, (grouped, shuffled)

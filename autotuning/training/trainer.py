@@ -47,6 +47,9 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         max_length=config.data.max_seq_length,
         completion_only_loss=True,
         packing=t.packing,
+        # Every batch is padded to its longest row, never to max_seq_length; grouping rows of similar length
+        # (in shuffled megabatches) leaves little padding even then.
+        train_sampling_strategy="group_by_length" if (t.group_by_length and not t.packing) else "random",
         dataset_num_proc=None,
         # Logging, evaluation, checkpoints
         logging_steps=t.logging_steps,
