@@ -138,17 +138,17 @@ def _lora_targets(model, targets: list[str]) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in linears if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def _activation_bytes(h: int, kv: int, inter: int, compute: int) -> int:
+def _activation_bytes(h: int, kv: int, inter: int, compute: int, dropout_inputs: int) -> int:
     """Bytes kept for backward per token and decoder layer (no checkpointing).
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks`` on a LoRA'd Llama block under CPU bf16
-    autocast (bench/memory.py --saved-tensors prints the census): ~7.5 fp32 hidden-sized tensors (norm
-    inputs/outputs, the residual stream, peft's fp32 copies of adapter inputs), 6 hidden-sized tensors in
-    the compute dtype (casts for the projections), q/k/v/attention output (2h + 2kv), four
-    intermediate-sized tensors (gate, up, activation, product) and one fp32 copy of the down projection's
-    input. Fused SDPA attention keeps no seq x seq matrix.
+    autocast: two fp32 hidden-sized tensors (the norms' inputs), six hidden-sized tensors in the compute
+    dtype (the projections' cast inputs and outputs), q/k/v/attention output (2h + 2kv), four
+    intermediate-sized tensors (gate, up, activation, product). With LoRA dropout on, peft also keeps an
+    fp32 copy of every adapter's input (``dropout_inputs`` = the summed input sizes of the wrapped layers
+    of one decoder layer). Fused SDPA attention keeps no seq x seq matrix.
     """
-    return 30 * h + compute * (8 * h + 2 * kv + 4 * inter) + 4 * inter
+    return 8 * h + compute * (8 * h + 2 * kv + 4 * inter) + 4 * dropout_inputs
 
 
 def estimate_memory(
@@ -202,7 +202,8 @@ def estimate_memory(
     inter = getattr(mc, "intermediate_size", None) or getattr(mc, "n_inner", None) or 4 * h
     vocab = mc.vocab_size
     tokens = t.per_device_train_batch_size * config.data.max_seq_length
-    per_token_layer = _activation_bytes(h, kv, inter, compute)
+    dropout_inputs = sum(i for _n, i, _o in targets) // max(layers, 1) if config.peft.lora_dropout > 0 else 0
+    per_token_layer = _activation_bytes(h, kv, inter, compute, dropout_inputs)
     if t.gradient_checkpointing:
         # Only each layer's input survives the forward pass; backward recomputes one layer at a time.
         activations = tokens * (layers * 4 * h + per_token_layer)
