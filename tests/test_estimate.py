@@ -47,8 +47,9 @@ def test_estimate_moves_the_right_way():
     fp32_base = estimate_memory(_quick("max_seq_length=512"), "cpu", 64 * GiB)
     four_bit = estimate_memory(_quick("max_seq_length=512", "quantization=4bit", "peft_type=qlora"), "cpu", 64 * GiB)
     assert bigger_batch.parts["activations"] == pytest.approx(2 * base.parts["activations"], rel=0.01)
-    # Two layers: checkpointing keeps the layer inputs plus one layer's activations instead of two layers'.
-    assert checkpointed.parts["activations"] < 0.6 * base.parts["activations"]
+    # Two layers: checkpointing keeps the layer inputs (fp32, 4h bytes per token each) plus one layer's
+    # activations instead of two layers' activations (7424 instead of 11776 bytes per token for this model).
+    assert checkpointed.parts["activations"] < 0.65 * base.parts["activations"]
     assert full.parts["optimizer_state"] == 8 * full.facts["parameters"]
     assert base.parts["optimizer_state"] == 8 * base.facts["trainable_parameters"]
     assert four_bit.parts["weights"] < fp32_base.parts["weights"]
