@@ -210,7 +210,7 @@ def prepare_launch(config: Config, extra_args: list[str] | tuple[str, ...] = ())
     from .job import export_preflight
     from .modeling import load_tokenizer, resolve_model_path
     from .runs import resolve_run_dir
-    from .training import last_checkpoint, truncate_metrics
+    from .training import resume_checkpoint, truncate_metrics
 
     check_distributed(config)
     run = resolve_run_dir(config)
@@ -224,13 +224,7 @@ def prepare_launch(config: Config, extra_args: list[str] | tuple[str, ...] = ())
     num_processes = resolve_num_processes(config)
     accelerate = build_accelerate_config(config, model_path, num_processes)
     if config.training.resume:
-        checkpoint = last_checkpoint(run.checkpoints)
-        if checkpoint is None:
-            raise ConfigError(
-                "the run in output_dir has no complete checkpoint to resume from",
-                f"{run.checkpoints}",
-                "start a new run (or check that save_steps was reached before it stopped)",
-            )
+        checkpoint = resume_checkpoint(run.checkpoints)
         # Cut the curve back to the checkpoint here, before anyone follows metrics.jsonl (rank 0 does the same).
         truncate_metrics(run.metrics_path, int(checkpoint.name.split("-")[1]))
     elif run.path.exists() and config.run.overwrite_output_dir:

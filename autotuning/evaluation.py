@@ -233,12 +233,14 @@ def evaluate_run(
     max_new_tokens: int = 64,
     compare_base: bool = True,
     tuned_answer_metrics: dict[str, Any] | None = None,
+    rewrite_report: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a finished run on its held-out rows (same deterministic split), with generated answers.
 
     With ``compare_base`` the base model is scored on the same rows: every metric gets a ``base_`` twin,
     so the gain from fine-tuning is visible in eval_results and predictions.jsonl. The training job passes
-    the answer-token metrics it just computed as ``tuned_answer_metrics`` so they are not computed twice.
+    the answer-token metrics it just computed as ``tuned_answer_metrics`` so they are not computed twice,
+    and ``rewrite_report=False`` because it writes the report itself once the run is recorded as finished.
     """
     from .data import prepare_data
     from .inference import generate_reply, load_generation_model
@@ -283,13 +285,14 @@ def evaluate_run(
     tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     tmp.replace(run.path / "predictions.jsonl")
     run.update(eval_results=results)
-    try:
-        from .report import write_report
+    if rewrite_report:
+        try:
+            from .report import write_report
 
-        write_report(run.path)
-    except Exception as exc:  # the results above are saved; the report is only a view of them
-        import logging
+            write_report(run.path)
+        except Exception as exc:  # the results above are saved; the report is only a view of them
+            import logging
 
-        logging.getLogger("autotuning").warning("could not rewrite the run report: %s", exc)
+            logging.getLogger("autotuning").warning("could not rewrite the run report: %s", exc)
     shown = ("prompt", "reference", "prediction", "base_prediction")
     return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}

@@ -181,6 +181,7 @@ def run_job(
         StopCallback,
         build_trainer,
         last_checkpoint,
+        resume_checkpoint,
         truncate_metrics,
     )
 
@@ -223,13 +224,7 @@ def run_job(
         # 2. The run directory. From here on a failure is recorded in run.json instead of raised as bad input.
         resume_from = None
         if config.training.resume:
-            resume_from = last_checkpoint(run.checkpoints)
-            if resume_from is None:
-                raise ConfigError(
-                    "the run in output_dir has no complete checkpoint to resume from",
-                    f"{run.checkpoints}",
-                    "start a new run (or check that save_steps was reached before it stopped)",
-                )
+            resume_from = resume_checkpoint(run.checkpoints)
         elif run.path.exists() and config.run.overwrite_output_dir and not launched:
             shutil.rmtree(run.path)  # (a launched run's parent already did this, before writing the launch files)
         if main:
@@ -406,6 +401,7 @@ def run_job(
                     max_new_tokens=config.evaluation.eval_max_new_tokens,
                     compare_base=True,
                     tuned_answer_metrics={k: v for k, v in results.items() if k != "global_step"},
+                    rewrite_report=False,  # written below, once run.json says finished
                 )
                 results = {**generated["results"], "global_step": step}
                 save_eval_results(results, run.path, config.evaluation.eval_save_format.value)

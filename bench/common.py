@@ -43,8 +43,8 @@ def machine() -> dict:
     }
 
 
-def build_llama_30m(path: Path) -> Path:
-    """hidden 512, 6 layers, 8 heads, intermediate 1536, vocab 8192 (~29M parameters), builtin tokenizer."""
+def build_local_llama(path: Path, **sizes) -> Path:
+    """A Llama with random weights (fixed seed) and the builtin tokenizer, saved once to ``path``."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -54,14 +54,21 @@ def build_llama_30m(path: Path) -> Path:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     config = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **sizes,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_llama_30m(path: Path) -> Path:
+    """hidden 512, 6 layers, 8 heads, intermediate 1536, vocab 8192 (~29M parameters)."""
+    return build_local_llama(
+        path, vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
 
 
 def build_rows(path: Path, rows: int = 2000) -> Path:

@@ -38,24 +38,12 @@ CASES: dict[str, dict] = {
 
 def build_llama_100m(path: Path) -> Path:
     """A ~110M-parameter Llama with random weights and the builtin tokenizer (sizes multiples of 64 for 4-bit)."""
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from common import build_local_llama
 
-    from autotuning.modeling import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    return build_local_llama(
+        path, vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def long_rows(path: Path, rows: int = 48) -> Path:

@@ -2,7 +2,7 @@
 
 from .callbacks import FinalCheckpointCallback, MetricsCallback, StopCallback
 from .metrics import MetricsSink, read_metrics, truncate_metrics
-from .trainer import build_sft_config, build_trainer, last_checkpoint
+from .trainer import build_sft_config, build_trainer, last_checkpoint, resume_checkpoint
 
 __all__ = [
     "MetricsSink",
@@ -14,4 +14,5 @@ __all__ = [
     "build_sft_config",
     "build_trainer",
     "last_checkpoint",
+    "resume_checkpoint",
 ]

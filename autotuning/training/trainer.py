@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 
-__all__ = ["build_sft_config", "build_trainer", "last_checkpoint"]
+__all__ = ["build_sft_config", "build_trainer", "last_checkpoint", "resume_checkpoint"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -144,3 +144,17 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
         if match and child.is_dir() and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
+
+
+def resume_checkpoint(checkpoint_dir: Path) -> Path:
+    """The checkpoint a resume continues from, or a ConfigError saying there is none."""
+    from ..errors import ConfigError
+
+    checkpoint = last_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        raise ConfigError(
+            "the run in output_dir has no complete checkpoint to resume from",
+            f"{checkpoint_dir}",
+            "start a new run (or check that save_steps was reached before it stopped)",
+        )
+    return checkpoint
