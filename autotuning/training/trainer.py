@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 
-__all__ = ["build_sft_config", "build_trainer", "last_checkpoint", "resume_checkpoint"]
+__all__ = ["build_sft_config", "build_trainer", "last_checkpoint", "resume_checkpoint", "use_model_loss"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -83,8 +83,6 @@ def build_trainer(
     callbacks: list,
     show_progress: bool = True,
 ):
-    from trl import SFTTrainer
-
     from transformers.trainer_callback import PrinterCallback
 
     if not show_progress:
@@ -102,8 +100,8 @@ def build_trainer(
             *callbacks,
             EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
         ]
-    trainer_class = _plain_loss_trainer_class() if not torch.cuda.is_available() else SFTTrainer
-    trainer = trainer_class(
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+    trainer = _trainer_class(use_model_loss(config, vocab_size, precision))(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -116,22 +114,60 @@ def build_trainer(
     return trainer
 
 
-def _plain_loss_trainer_class():
+# Above this size the full logits of one batch (the estimate's logits term) would crowd a GPU: TRL's chunked
+# LM-head loss never materialises them, at the price of speed.
+_MODEL_LOSS_MAX_LOGITS_BYTES = 2 * 1024**3
+
+
+def use_model_loss(config: Config, vocab_size: int, precision: str) -> bool:
+    """The model's own shifted cross-entropy (fast) instead of TRL's fused LM-head loss (lean)?
+
+    On CPU always: TRL's loss (a chunked Python autograd Function, plus entropy and token-accuracy metrics
+    every step) cost ~20% of a step (bench/throughput.py, cProfile). On a GPU it cost ~30% of a step of a
+    0.8B Llama with an 8k vocabulary (bench/mfu.py on an H200), so we keep it only where its memory saving
+    matters: when one batch's full logits would pass 2 GiB (large vocabularies, long rows, big batches).
+    """
+    if not torch.cuda.is_available():
+        return True
+    compute = 4 if precision == "fp32" else 2
+    tokens = config.training.per_device_train_batch_size * config.data.max_seq_length
+    return tokens * vocab_size * (compute + 12) <= _MODEL_LOSS_MAX_LOGITS_BYTES
+
+
+def _trainer_class(model_loss: bool):
+    from peft.helpers import disable_input_dtype_casting
     from trl import SFTTrainer
     from transformers import Trainer
 
-    class PlainLossSFTTrainer(SFTTrainer):
-        """SFTTrainer with the model's own shifted cross-entropy instead of TRL's fused LM-head loss.
+    class AutotuningSFTTrainer(SFTTrainer):
+        """SFTTrainer with two speed-ups that change no result.
 
-        TRL computes the loss through a chunked LM head (a Python autograd Function) and adds entropy and
-        token-accuracy metrics every step; that saves memory on GPUs with large vocabularies, but on CPU it
-        cost ~20% of each step (bench/throughput.py, cProfile). Labels are the same (-100 on prompt tokens).
+        - Under mixed precision, LoRA layers skip casting their input to the adapter's fp32 dtype: autocast casts
+          it straight back to bf16/fp16 for the matmul, so the two copies (and their backward) were pure waste
+          (~20% of a GPU step in torch.profiler: aten::copy_ and ToCopyBackward0).
+        - Optionally the model's own loss (see :func:`use_model_loss`); labels are the same (-100 on prompts).
         """
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        def _casting(self, model):
+            mixed = self.args.bf16 or self.args.fp16
+            return disable_input_dtype_casting(model, active=mixed)
 
-    return PlainLossSFTTrainer
+        def training_step(self, model, inputs, *args, **kwargs):
+            with self._casting(model):
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            with self._casting(model):
+                return super().prediction_step(model, inputs, *args, **kwargs)
+
+        if model_loss:
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                return Trainer.compute_loss(
+                    self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+
+    return AutotuningSFTTrainer
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:
