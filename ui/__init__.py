@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
+
+from autotuning.resources import ASSETS
 
 from . import chat_tab, config_tab, dataset_tab, evaluate_tab, export_tab, runs_tab, train_tab
 from .context import AppContext
 from .run_picker import finished_runs_update
 
 __all__ = ["build_app", "AppContext", "ASSETS", "theme"]
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def theme() -> gr.themes.Base:
