@@ -27,5 +27,5 @@ def hardware_notice(env: Mapping[str, str], cuda_available: bool) -> str:
         "are multiples of 64), `distributed: ddp` (runs as CPU processes), models beyond a few hundred million "
         "parameters.\n\n"
         "For those, pick GPU hardware in this Space's settings, or run the app on your own GPU machine "
-        "(the README's Docker image takes a CUDA build of torch)."
+        "(the repository's Dockerfile takes a CUDA build of torch through a build argument)."
     )
