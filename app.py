@@ -13,15 +13,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="autotuning: fine-tune causal language models in the browser.")
     parser.add_argument(
         "--host",
-        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
         help="interface to listen on (env GRADIO_SERVER_NAME; 0.0.0.0 to serve other machines)",
     )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860),
-        help="port (env PORT or GRADIO_SERVER_PORT; default 7860)",
-    )
+    # Hugging Face Spaces and container hosts say where to listen through the environment; a flag given wins.
+    env_port = os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"
+    parser.add_argument("--port", type=int, default=None, help="port (env PORT or GRADIO_SERVER_PORT; default 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link (Colab)")
     parser.add_argument("--auth", metavar="USER:PASS", default=os.environ.get("AUTOTUNING_AUTH"), help="require this login (env AUTOTUNING_AUTH)")
     parser.add_argument(
@@ -38,7 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a folder whose files may be typed as a dataset path in the app (repeatable; env AUTOTUNING_DATA_DIRS). "
         "Without it the app reads local data only from uploads",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.port is None:
+        if not env_port.isdigit() or not 0 < int(env_port) < 65536:
+            parser.error(f"PORT / GRADIO_SERVER_PORT is {env_port!r}, not a port number")
+        args.port = int(env_port)
+    return args
 
 
 def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list[str]]:

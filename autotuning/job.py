@@ -90,7 +90,7 @@ def export_preflight(config: Config, model_type: str) -> None:
     """Formats that cannot handle this architecture fail here, before training, not after hours of it."""
     import importlib.util
 
-    from .export.gguf import check_gguf_supported
+    from .export.gguf import K_QUANT_FIX, check_gguf_supported
     from .export.tensorflow import check_tensorflow_supported
 
     formats = config.export.save_format
@@ -100,7 +100,7 @@ def export_preflight(config: Config, model_type: str) -> None:
             raise ConfigError(
                 f"GGUF type {config.export.gguf_type.value} needs the optional llama-cpp-python package",
                 "field 'gguf_type'",
-                "pip install 'llama-cpp-python==0.3.36' (a ~5 minute source build), or use q8_0, f16 or f32",
+                K_QUANT_FIX,
             )
     if SaveFormat.TENSORFLOW in formats:
         check_tensorflow_supported(model_type)

@@ -24,6 +24,7 @@ import torch
 from .config import Config, PeftType, Precision, Quantization
 from .errors import ConfigError, ModelError
 from .hub import hub_reachable
+from .resources import ASSETS
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 # Bump when the recipe below changes, so cached copies are rebuilt.
 _BUILTIN_RECIPE_VERSION = "4"
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "datasets"
+_ASSETS = ASSETS / "datasets"
 
 # ChatML with {% generation %} markers (TRL's assistant-only loss needs them) and no newline after
 # the assistant's <|im_end|>, so the trained answer ends exactly on the EOS token.

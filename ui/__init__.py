@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import gradio as gr
 
+from autotuning.resources import ASSETS
+
 from . import chat_tab, config_tab, dataset_tab, evaluate_tab, export_tab, runs_tab, train_tab
 from .context import AppContext
+from .hardware import hardware_notice
 from .run_picker import finished_runs_update
 
 __all__ = ["build_app", "AppContext", "ASSETS", "theme"]
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
 
 def theme() -> gr.themes.Base:
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
@@ -28,6 +35,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             f'<div class="at-header">{logo}<div><h1>autotuning</h1>'
             "<p>Fine-tune causal language models with LoRA: data, training, evaluation, verified exports.</p></div></div>"
         )
+        notice = hardware_notice(os.environ, _cuda_available())
+        if notice:  # a Space on a CPU: say up front what needs a GPU
+            gr.Markdown(notice, elem_id="hardware-notice", elem_classes=["at-notice"])
         with gr.Tabs():
             with gr.Tab("Model & config", id="config"):
                 config_parts = config_tab.build(ctx, form)

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import FineTuningType
 from ..errors import DataError
 from ..hub import hub_reachable
+from ..resources import ASSETS as BUNDLED_ASSETS
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -28,7 +29,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "datasets"
+ASSETS = BUNDLED_ASSETS / "datasets"
 
 # The seed's built-in datasets per fine-tuning type: (Hub id, config name).
 BUILTIN_HUB_DATASETS: dict[FineTuningType, tuple[str, str]] = {

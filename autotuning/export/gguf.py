@@ -35,12 +35,20 @@ __all__ = [
     "export_gguf",
     "verify_gguf",
     "ollama_modelfile",
+    "LLAMA_CPP_EXTRA",
+    "K_QUANT_FIX",
 ]
 
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 _K_QUANTS = {"q4_k_m", "q5_k_m", "q6_k"}
+# The extra in pyproject.toml that brings llama-cpp-python: k-quants and the check that runs a GGUF in llama.cpp.
+LLAMA_CPP_EXTRA = "llama-cpp"
+K_QUANT_FIX = (
+    f"install the {LLAMA_CPP_EXTRA} extra: pip install '.[{LLAMA_CPP_EXTRA}]' in the autotuning folder "
+    "(llama-cpp-python 0.3.36, a ~5 minute source build), or use q8_0, f16, bf16 or f32"
+)
 F32_TOLERANCE = 1e-4
 CHECK_TEXT = "Hello world! Ça va? 你好, мир. 12345 + 678 = 13023\n\tdef f(x): return x"
 
@@ -272,7 +280,7 @@ def _k_quantize(src: Path, dst: Path, gtype: str) -> None:
         raise ConfigError(
             f"GGUF type {gtype} needs the optional llama-cpp-python package",
             "field 'gguf_type'",
-            "pip install 'llama-cpp-python==0.3.36' (a ~5 minute source build), or use f32, f16, bf16 or q8_0",
+            K_QUANT_FIX,
         ) from None
     ftype = {
         "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
@@ -390,7 +398,7 @@ def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[
     try:
         import llama_cpp
     except ImportError:
-        return {"llama_cpp": "skipped: llama-cpp-python is not installed (optional extra)"}
+        return {"llama_cpp": f"skipped: llama-cpp-python is not installed (optional extra {LLAMA_CPP_EXTRA})"}
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, logits_all=False, verbose=False)
     tokens = ids[0].tolist()
     out = []
