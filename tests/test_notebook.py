@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -43,6 +45,20 @@ def test_notebook_is_valid_and_clean():
         assert text in gpu[0].source
     assert _tags(code[-1]) == {"ui"}, "the app launch is the last cell"
     assert "--share" in code[-1].source and "--auth" in code[-1].source
+
+
+def test_install_cell_keeps_the_runtime_torch_and_jupyter(monkeypatch):
+    """Run the install cell with pip replaced by a recorder: what would Colab be asked to install?"""
+    (cell,) = [c for c in _read().cells if "install" in _tags(c)]
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: calls.append(args))
+    exec(compile(cell.source, "install-cell", "exec"), {"REPO": REPO, "sys": sys, "print": lambda *a: None})
+    (args,) = calls
+    assert args[:4] == [sys.executable, "-m", "pip", "install"]
+    names = {a.split("==")[0] for a in args[4:] if "==" in a}
+    assert {"transformers", "trl", "peft", "bitsandbytes", "gradio", "gguf"} <= names
+    # torch is importable here, as on Colab: its CUDA build stays; TF and the test tools would clash with Colab's.
+    assert not names & {"torch", "tensorflow-cpu", "keras", "keras-hub", "ipykernel", "nbclient", "nbformat", "pytest"}
 
 
 def test_offline_cells_run_the_whole_flow(tmp_path, monkeypatch):
