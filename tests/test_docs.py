@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from autotuning.config import iter_fields
 from autotuning.config_docs import END, REGENERATE, START, render_config_table, replace_between_markers
 from autotuning.export.gguf import SUPPORTED_GGUF_ARCHITECTURES
 from autotuning.export.tensorflow import SUPPORTED_TF_ARCHITECTURES
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 ARCHITECTURE = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")

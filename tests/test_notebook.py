@@ -12,13 +12,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import REPO
-
+REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "colab_quickstart.ipynb"
 SKIPPED_TAGS = {"gpu", "hub", "install", "ui"}
 
