@@ -66,7 +66,11 @@ def _warm_imports() -> None:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """`python app.py ARGS`; from a notebook, ``app.main(["--share", "--auth", "user:pass"])``.
+
+    Returns the running ``gr.Blocks``: in a notebook ``launch()`` returns at once and ``demo.close()`` stops the app.
+    """
     args = parse_args(argv)
     try:
         auth, warnings = check_access(args)
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         allowed_paths=[str(ctx.output_root)],
         blocked_paths=[str(ctx.workspace)],
     )
+    return demo
 
 
 if __name__ == "__main__":

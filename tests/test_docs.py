@@ -1,0 +1,77 @@
+"""The docs say what the code does: generated config reference, export architectures, links, module map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from autotuning.config import iter_fields
+from autotuning.config_docs import END, REGENERATE, START, render_config_table, replace_between_markers
+from autotuning.export.gguf import SUPPORTED_GGUF_ARCHITECTURES
+from autotuning.export.tensorflow import SUPPORTED_TF_ARCHITECTURES
+
+REPO = Path(__file__).resolve().parents[1]
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+ARCHITECTURE = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+
+
+def test_readme_config_reference_is_fresh():
+    fresh = replace_between_markers(README, render_config_table())
+    assert fresh == README, f"README.md's config reference is stale: regenerate it with `{REGENERATE}`"
+
+
+def test_config_reference_lists_every_option():
+    table = README[README.index(START) : README.index(END)]
+    for _group, f in iter_fields():
+        assert f"| `{f.name}`" in table, f.name
+
+
+def test_readme_keeps_its_heading_on_the_first_line():
+    # A Hugging Face Spaces front-matter block is prepended above it when the app is published.
+    assert README.splitlines()[0] == "# autotuning"
+
+
+def _row(format_name: str) -> str:
+    (row,) = [line for line in README.splitlines() if line.startswith(f"| {format_name} | ")]
+    return row
+
+
+def test_supported_architectures_table_matches_the_exporters():
+    for name in SUPPORTED_GGUF_ARCHITECTURES:
+        assert re.search(rf"\b{name}\b", _row("gguf").split("|")[2]), f"gguf: {name} missing from the README table"
+    for name in SUPPORTED_TF_ARCHITECTURES:
+        assert re.search(rf"\b{name}\b", _row("tensorflow").split("|")[2]), f"tensorflow: {name} missing"
+
+
+def test_relative_links_and_images_exist():
+    for doc, text in (("README.md", README), ("docs/ARCHITECTURE.md", ARCHITECTURE)):
+        base = (REPO / doc).parent
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            assert (base / target).exists(), f"{doc} links to missing {target}"
+
+
+def test_readme_anchors_exist():
+    headings = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", README, re.M)
+    }
+    for anchor in re.findall(r"\]\(#([^)]+)\)", README):
+        assert anchor in headings, f"README links to missing section #{anchor}"
+
+
+def test_architecture_names_every_module():
+    """Every module of autotuning/ and ui/ is named by its path (a subpackage by its folder, or by each module)."""
+    paths = [p for p in (REPO / "autotuning").glob("*.py") if p.stem not in ("__init__", "__main__")]
+    paths += [p for p in (REPO / "autotuning").iterdir() if p.is_dir() and not p.name.startswith("__")]
+    paths += list((REPO / "ui").glob("*.py"))
+    missing = []
+    for path in paths:
+        rel = path.relative_to(REPO).as_posix()
+        if path.is_dir():
+            if f"{rel}/" not in ARCHITECTURE:
+                missing.append(f"{rel}/")
+        elif rel not in ARCHITECTURE:
+            missing.append(rel)
+    assert not missing, f"docs/ARCHITECTURE.md does not mention {missing}"
