@@ -120,11 +120,16 @@ def _requirements() -> set[str]:
     return {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()}
 
 
+# Pins in requirements.txt that only the test suite needs: the `test` extra of pyproject.toml.
+_TEST_TOOLS = ("pytest", "nbformat", "nbclient", "ipykernel")
+
+
 def test_dependencies_match_requirements_txt():
-    """requirements.txt (the README's install path) and pyproject.toml pin the same set; pytest is an extra."""
+    """requirements.txt (the README's install path) and pyproject.toml pin the same set; test tools are an extra."""
     project = PYPROJECT["project"]
-    assert set(project["dependencies"]) == _requirements() - {r for r in _requirements() if r.startswith("pytest")}
-    assert {r for r in _requirements() if r.startswith("pytest")} <= set(project["optional-dependencies"]["test"])
+    tools = {r for r in _requirements() if r.split("==")[0] in _TEST_TOOLS}
+    assert set(project["dependencies"]) == _requirements() - tools
+    assert tools <= set(project["optional-dependencies"]["test"])
 
 
 def test_missing_llama_cpp_message_names_the_declared_extra(monkeypatch):
