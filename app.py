@@ -20,7 +20,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_port = os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or "7860"
     parser.add_argument("--port", type=int, default=None, help="port (env PORT or GRADIO_SERVER_PORT; default 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link (Colab)")
-    parser.add_argument("--auth", metavar="USER:PASS", default=os.environ.get("AUTOTUNING_AUTH"), help="require this login (env AUTOTUNING_AUTH)")
+    parser.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        default=os.environ.get("AUTOTUNING_AUTH"),
+        help="require this login (env AUTOTUNING_AUTH)",
+    )
     parser.add_argument(
         "--output-root",
         default=os.environ.get("AUTOTUNING_OUTPUT_ROOT", "runs"),
@@ -55,7 +60,9 @@ def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list
     if auth is None and args.share:
         warnings.append("--share without --auth makes the app public to anyone with the link: add --auth user:password")
     if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        warnings.append(f"--host {args.host} without --auth lets anyone on the network use the app: add --auth user:password")
+        warnings.append(
+            f"--host {args.host} without --auth lets anyone on the network use the app: add --auth user:password"
+        )
     return auth, warnings
 
 

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE.yaml", help="YAML config (flat or grouped keys; seed aliases accepted)")
+        p.add_argument(
+            "--config", metavar="FILE.yaml", help="YAML config (flat or grouped keys; seed aliases accepted)"
+        )
         p.add_argument(
             "--set",
             dest="overrides",
@@ -96,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[f.value for f in SaveFormat],
         help="format to export (repeatable)",
     )
-    export.add_argument("--gguf-type", choices=GgufType.values(), help="GGUF tensor type (default: the run's gguf_type)")
+    export.add_argument(
+        "--gguf-type", choices=GgufType.values(), help="GGUF tensor type (default: the run's gguf_type)"
+    )
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -106,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "match; code: whether the Python parses). Writes eval_results.json|csv and predictions.jsonl.",
     )
     evaluate.add_argument("--run", required=True, metavar="DIR", help="the run directory (its output_dir)")
-    evaluate.add_argument("--generations", type=int, default=32, help="held-out rows to generate answers for (default 32)")
+    evaluate.add_argument(
+        "--generations", type=int, default=32, help="held-out rows to generate answers for (default 32)"
+    )
     evaluate.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
 
     estimate = sub.add_parser(
@@ -238,7 +244,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     summary = {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step}
-    summary.update({k: result.eval_results[k] for k in ("eval_loss", "perplexity", "accuracy", "f1") if k in result.eval_results})
+    summary.update(
+        {k: result.eval_results[k] for k in ("eval_loss", "perplexity", "accuracy", "f1") if k in result.eval_results}
+    )
     if "torch" in result.exports:
         summary["merged"] = result.exports["torch"]["path"]
         summary["max_abs_logit_diff"] = result.exports["torch"]["max_abs_logit_diff"]
@@ -256,7 +264,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     stats = data.stats
     print(f"source: {data.source}")
     print(f"format: {data.format} (fine-tuning type {config.data.fine_tuning_type.value})")
-    print(f"rows: {stats['rows_read']} read, {stats['rows_skipped']} skipped, {len(data.train_rows)} train, {len(data.eval_rows)} eval")
+    print(
+        f"rows: {stats['rows_read']} read, {stats['rows_skipped']} skipped, {len(data.train_rows)} train, {len(data.eval_rows)} eval"
+    )
     for note in data.notes:
         print(f"note: {note}")
     for split in ("train", "eval"):
@@ -302,7 +312,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("this machine has no CUDA GPU to read free memory from", "--device cuda", "add --free-gib N")
+            raise UserError(
+                "this machine has no CUDA GPU to read free memory from", "--device cuda", "add --free-gib N"
+            )
     free = int(args.free_gib * 1024**3) if args.free_gib is not None else None
     estimate = estimate_memory(config, device=device, free_bytes=free)
     for line in describe(estimate):

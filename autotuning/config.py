@@ -832,4 +832,3 @@ def quickstart_overrides() -> dict[str, Any]:
         "eval_generations": 8,
         "eval_max_new_tokens": 48,
     }
-

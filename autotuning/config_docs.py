@@ -61,9 +61,7 @@ def _cell(text: str) -> str:
 def render_config_table() -> str:
     """One Markdown table per option group: option (seed alias), type, default, help."""
     aliases = {field: alias for alias, field in SEED_ALIASES.items()}
-    lines = [
-        f"<!-- generated from autotuning/config.py by `{REGENERATE}`; edit the dataclasses, not this table -->"
-    ]
+    lines = [f"<!-- generated from autotuning/config.py by `{REGENERATE}`; edit the dataclasses, not this table -->"]
     # Config's fields are the groups; each one's default_factory is the group's dataclass.
     group_types = {g.name: typing.get_type_hints(g.default_factory) for g in dataclasses.fields(Config)}
     group_seen = None

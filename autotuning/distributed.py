@@ -23,9 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import Config, Distributed, Precision
 from .errors import ConfigError
@@ -203,7 +204,6 @@ def prepare_launch(config: Config, extra_args: list[str] | tuple[str, ...] = ())
     single-process run).
     """
     import yaml
-
     from transformers import AutoConfig
 
     from .data import prepare_data

@@ -353,4 +353,3 @@ def as_replace_kwargs(estimate: MemoryEstimate) -> dict[str, Any]:
     for s in estimate.suggestions:
         merged.update(s["set"])
     return merged
-

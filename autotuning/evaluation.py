@@ -45,7 +45,9 @@ def load_metric(name: str):
     return evaluate.load(str(_METRICS_DIR / f"{name}.py"))
 
 
-def shifted_answer_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shifted_answer_predictions(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(predicted ids, reference ids, per-token loss) at answer positions, with the causal shift.
 
     Position t's logits are scored against label t+1; positions whose next label is -100 are skipped.
@@ -254,7 +256,9 @@ def evaluate_run(
     if data.eval is None:
         from .errors import ConfigError
 
-        raise ConfigError("this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0")
+        raise ConfigError(
+            "this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0"
+        )
     kind = config.data.fine_tuning_type.value
     rows = data.eval_rows[: max(0, generations)]
     samples = [
@@ -275,7 +279,9 @@ def evaluate_run(
         else:
             scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
         for sample, row in zip(samples, rows):
-            sample[f"{prefix}prediction"] = generate_reply(model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens)
+            sample[f"{prefix}prediction"] = generate_reply(
+                model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens
+            )
         view = [dict(s, prediction=s[f"{prefix}prediction"]) for s in samples]
         scores.update({f"gen_{k}": v for k, v in generation_metrics(kind, view).items()})
         results.update({f"{prefix}{k}": v for k, v in scores.items()})

@@ -96,7 +96,10 @@ def export_preflight(config: Config, model_type: str) -> None:
     formats = config.export.save_format
     if SaveFormat.GGUF in formats:
         check_gguf_supported(model_type)
-        if config.export.gguf_type.value in ("q4_k_m", "q5_k_m", "q6_k") and importlib.util.find_spec("llama_cpp") is None:
+        if (
+            config.export.gguf_type.value in ("q4_k_m", "q5_k_m", "q6_k")
+            and importlib.util.find_spec("llama_cpp") is None
+        ):
             raise ConfigError(
                 f"GGUF type {config.export.gguf_type.value} needs the optional llama-cpp-python package",
                 "field 'gguf_type'",
@@ -107,7 +110,9 @@ def export_preflight(config: Config, model_type: str) -> None:
         missing = [m for m in ("tensorflow", "keras_hub") if importlib.util.find_spec(m) is None]
         if missing:
             raise ConfigError(
-                f"TensorFlow export needs {', '.join(missing)}", "field 'save_format'", "pip install -r requirements.txt"
+                f"TensorFlow export needs {', '.join(missing)}",
+                "field 'save_format'",
+                "pip install -r requirements.txt",
             )
 
 
@@ -166,7 +171,6 @@ def run_job(
 ) -> JobResult:
     """Run the whole job. Raises UserError for bad input (nothing written); returns a JobResult otherwise."""
     # Heavy imports here, not at module import: `python -m autotuning --help` stays instant.
-    import torch
 
     from .data import prepare_data
     from .distributed import STOP_FILE, is_launched_worker, process_rank
@@ -219,7 +223,13 @@ def run_job(
         timings["model_s"] = round(time.time() - t0, 2)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        log.info("model: %s, %d trainable of %d parameters, precision %s", config.model.model_name, trainable, total, loaded.precision)
+        log.info(
+            "model: %s, %d trainable of %d parameters, precision %s",
+            config.model.model_name,
+            trainable,
+            total,
+            loaded.precision,
+        )
 
         # 2. The run directory. From here on a failure is recorded in run.json instead of raised as bad input.
         resume_from = None
@@ -297,9 +307,7 @@ def run_job(
                         loaded = load_model(attempt)
                         model = apply_peft(loaded.model, attempt)
                     sink.truncate(restart_step)
-                    message = (
-                        f"out of memory at step {failed_step}; retrying from step {restart_step} with {change}"
-                    )
+                    message = f"out of memory at step {failed_step}; retrying from step {restart_step} with {change}"
                     log.warning(message)
                     retry = {"step": failed_step, "restart_step": restart_step, "change": change}
                     oom_retries.append(retry)
@@ -406,8 +414,14 @@ def run_job(
                 results = {**generated["results"], "global_step": step}
                 save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
                 timings["generation_eval_s"] = round(time.time() - t0, 2)
-                shown = {k: round(v, 4) for k, v in results.items() if k.startswith(("gen_", "base_gen_")) and isinstance(v, float)}
-                log.info("generated answers on %d held-out rows, base vs tuned: %s", min(gens, len(data.eval_rows)), shown)
+                shown = {
+                    k: round(v, 4)
+                    for k, v in results.items()
+                    if k.startswith(("gen_", "base_gen_")) and isinstance(v, float)
+                }
+                log.info(
+                    "generated answers on %d held-out rows, base vs tuned: %s", min(gens, len(data.eval_rows)), shown
+                )
             timings["total_s"] = round(time.time() - started, 2)
             best = trainer.state.best_model_checkpoint
             selection = None

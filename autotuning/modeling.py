@@ -81,9 +81,15 @@ class _BuiltinSpec:
 
 
 BUILTIN_MODELS: dict[str, _BuiltinSpec] = {
-    "tiny-llama": _BuiltinSpec("llama", "Llama architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
-    "tiny-gpt2": _BuiltinSpec("gpt2", "GPT-2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
-    "tiny-qwen2": _BuiltinSpec("qwen2", "Qwen2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"),
+    "tiny-llama": _BuiltinSpec(
+        "llama", "Llama architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
+    ),
+    "tiny-gpt2": _BuiltinSpec(
+        "gpt2", "GPT-2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
+    ),
+    "tiny-qwen2": _BuiltinSpec(
+        "qwen2", "Qwen2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
+    ),
 }
 
 
@@ -356,9 +362,7 @@ def load_tokenizer(config: Config):
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
-        log.warning(
-            "%s has no chat template; using a ChatML template (it is saved with the exported model)", name
-        )
+        log.warning("%s has no chat template; using a ChatML template (it is saved with the exported model)", name)
         tokenizer.chat_template = CHATML_TEMPLATE
         if "<|im_end|>" not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -386,9 +390,7 @@ def resolve_precision(precision: Precision) -> str:
             "fp16 mixed precision needs a CUDA GPU", "field 'precision'", "use precision: auto, bf16 or fp32 on CPU"
         )
     if precision is Precision.BF16 and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            "this GPU does not support bf16", "field 'precision'", "use precision: fp16 or auto"
-        )
+        raise ConfigError("this GPU does not support bf16", "field 'precision'", "use precision: fp16 or auto")
     return precision.value
 
 
@@ -444,7 +446,9 @@ def _has_pickle_weights(path: str, config: Config) -> bool:
             names = list_repo_files(path, token=config.model.hf_token or None)
         except Exception:
             return False
-    return any(n.endswith((".bin", ".pt", ".pth")) for n in names) and not any(n.endswith(".safetensors") for n in names)
+    return any(n.endswith((".bin", ".pt", ".pth")) for n in names) and not any(
+        n.endswith(".safetensors") for n in names
+    )
 
 
 def load_model(config: Config, for_training: bool = True) -> LoadedModel:
@@ -486,10 +490,16 @@ def load_model(config: Config, for_training: bool = True) -> LoadedModel:
         raise
     except ImportError as exc:
         raise ModelError(
-            f"a library needed to load '{name}' is missing ({exc})", "field 'model_name'", "pip install -r requirements.txt"
+            f"a library needed to load '{name}' is missing ({exc})",
+            "field 'model_name'",
+            "pip install -r requirements.txt",
         ) from None
     except Exception as exc:
-        if not config.model.allow_pickle_weights and "safetensors" in str(exc).lower() and _has_pickle_weights(path, config):
+        if (
+            not config.model.allow_pickle_weights
+            and "safetensors" in str(exc).lower()
+            and _has_pickle_weights(path, config)
+        ):
             raise ModelError(
                 f"'{name}' only ships pickle weights (.bin/.pt), which can run arbitrary code when loaded",
                 "field 'model_name'",

@@ -160,7 +160,9 @@ class Run:
             self.log_lines.append(f"error: {err.message}")
             self._set_status(RunStatus.FAILED)
         except BaseException as exc:  # a bug: the message here, the traceback in train.log
-            self.error = f"internal error ({type(exc).__name__}: {exc}); the traceback is in {self.run_dir / 'train.log'}"
+            self.error = (
+                f"internal error ({type(exc).__name__}: {exc}); the traceback is in {self.run_dir / 'train.log'}"
+            )
             self.log_lines.append(f"error: {self.error}")
             self._set_status(RunStatus.FAILED)
         finally:
@@ -287,8 +289,7 @@ class Pipeline:
         with self._lock:
             if self._current is not None and self._current.is_active():
                 raise BusyError(
-                    f"a training job is already running ({self._current.run_dir.name}, "
-                    f"{self._current.status.value})",
+                    f"a training job is already running ({self._current.run_dir.name}, {self._current.status.value})",
                     "Train tab",
                     "wait for it to finish or press Stop first; it was not disturbed",
                 )
@@ -308,6 +309,4 @@ class Pipeline:
 
     def is_live(self, run_dir: str | Path) -> bool:
         current = self.current
-        return (
-            current is not None and current.is_active() and Path(run_dir).resolve() == current.run_dir.resolve()
-        )
+        return current is not None and current.is_active() and Path(run_dir).resolve() == current.run_dir.resolve()

@@ -51,7 +51,12 @@ def _export_files(run: RunDir, exports: dict[str, Any]) -> list[dict[str, Any]]:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         cache = {}
-    folders = {"torch": run.merged, "adapter": run.adapter, "gguf": run.path / "gguf", "tensorflow": run.path / "tensorflow"}
+    folders = {
+        "torch": run.merged,
+        "adapter": run.adapter,
+        "gguf": run.path / "gguf",
+        "tensorflow": run.path / "tensorflow",
+    }
     rows = []
     for fmt, folder in folders.items():
         if not folder.is_dir():
@@ -95,11 +100,17 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     record = run.read()
     config_text = run.config_path.read_text(encoding="utf-8") if run.config_path.is_file() else ""
     config_text = "\n".join(
-        line if not any(s in line.split(":")[0].lower() for s in ("token", "secret", "password")) else line.split(":")[0] + ": ***"
+        line
+        if not any(s in line.split(":")[0].lower() for s in ("token", "secret", "password"))
+        else line.split(":")[0] + ": ***"
         for line in config_text.splitlines()
     )
     predictions_path = run.path / "predictions.jsonl"
-    predictions = [json.loads(l) for l in predictions_path.read_text(encoding="utf-8").splitlines() if l.strip()] if predictions_path.is_file() else []
+    predictions = (
+        [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if predictions_path.is_file()
+        else []
+    )
     results = record.get("eval_results") or {}
     exports = record.get("exports") or {}
     return {
@@ -120,7 +131,10 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
 
 def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c)) if c is not None else '–'}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c)) if c is not None else '–'}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -136,8 +150,23 @@ def _curves_html(events: list[dict[str, Any]]) -> str:
     lx, ly = series("train", "learning_rate")
     traces = [
         {"type": "scatter", "x": x, "y": y, "mode": "lines+markers", "name": "train loss"},
-        {"type": "scatter", "x": ex, "y": ey, "mode": "lines+markers", "name": "eval loss", "marker": {"symbol": "diamond", "size": 8}},
-        {"type": "scatter", "x": lx, "y": ly, "mode": "lines", "name": "learning rate", "yaxis": "y2", "line": {"dash": "dot"}},
+        {
+            "type": "scatter",
+            "x": ex,
+            "y": ey,
+            "mode": "lines+markers",
+            "name": "eval loss",
+            "marker": {"symbol": "diamond", "size": 8},
+        },
+        {
+            "type": "scatter",
+            "x": lx,
+            "y": ly,
+            "mode": "lines",
+            "name": "learning rate",
+            "yaxis": "y2",
+            "line": {"dash": "dot"},
+        },
     ]
     layout = {
         "title": {"text": "Loss and learning rate"},
@@ -207,21 +236,40 @@ def _html(data: dict[str, Any]) -> str:
 
     if data["predictions"]:
         parts.append(f"<h2>Sample predictions ({len(data['predictions'])} of {data['predictions_total']})</h2>")
-        rows = [[p.get("prompt", ""), p.get("reference", ""), p.get("base_prediction"), p.get("prediction", "")] for p in data["predictions"]]
+        rows = [
+            [p.get("prompt", ""), p.get("reference", ""), p.get("base_prediction"), p.get("prediction", "")]
+            for p in data["predictions"]
+        ]
         parts.append(_table(["prompt", "reference", "base", "fine-tuned"], rows, "pred"))
 
     ds = r.get("dataset") or {}
     if ds:
         parts.append("<h2>Dataset</h2>")
-        parts.append(f"<p>fingerprint <code>{esc(str(ds.get('fingerprint', '')))}</code>, {esc(str(ds.get('rows_read', '')))} rows read, "
-                     f"{esc(str(ds.get('rows_skipped', 0)))} skipped</p>")
+        parts.append(
+            f"<p>fingerprint <code>{esc(str(ds.get('fingerprint', '')))}</code>, {esc(str(ds.get('rows_read', '')))} rows read, "
+            f"{esc(str(ds.get('rows_skipped', 0)))} skipped</p>"
+        )
         split_rows = []
         for split in ("train", "eval"):
             s = ds.get(split) or {}
             if s:
-                split_rows.append([split, s.get("rows"), s.get("median_tokens"), s.get("p95_tokens"), s.get("max_tokens"),
-                                   s.get("truncated_rows"), s.get("answer_lost_rows"), s.get("answer_tokens")])
-        parts.append(_table(["split", "rows", "median tokens", "p95", "max", "truncated", "dropped", "answer tokens"], split_rows))
+                split_rows.append(
+                    [
+                        split,
+                        s.get("rows"),
+                        s.get("median_tokens"),
+                        s.get("p95_tokens"),
+                        s.get("max_tokens"),
+                        s.get("truncated_rows"),
+                        s.get("answer_lost_rows"),
+                        s.get("answer_tokens"),
+                    ]
+                )
+        parts.append(
+            _table(
+                ["split", "rows", "median tokens", "p95", "max", "truncated", "dropped", "answer tokens"], split_rows
+            )
+        )
         for note in ds.get("notes") or []:
             parts.append(f"<p class='muted'>note: {esc(note)}</p>")
 
@@ -229,7 +277,13 @@ def _html(data: dict[str, Any]) -> str:
     if data["verification"]:
         parts.append(_table(["format", "verification"], [list(v) for v in data["verification"]]))
     if data["files"]:
-        parts.append(_table(["format", "file", "bytes", "sha256"], [[f["format"], f["file"], f["bytes"], f["sha256"]] for f in data["files"]], "files"))
+        parts.append(
+            _table(
+                ["format", "file", "bytes", "sha256"],
+                [[f["format"], f["file"], f["bytes"], f["sha256"]] for f in data["files"]],
+                "files",
+            )
+        )
     else:
         parts.append("<p class='muted'>no exports</p>")
 
@@ -257,7 +311,9 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(c: Any) -> str:
         return "–" if c is None else _fmt(c).replace("|", "\\|").replace("\n", " ")
 
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
+        "| " + " | ".join(cell(c) for c in row) + " |" for row in rows
+    ]
 
 
 def _markdown(data: dict[str, Any]) -> str:
@@ -272,33 +328,70 @@ def _markdown(data: dict[str, Any]) -> str:
     selection = r.get("checkpoint_selection")
     if selection:
         kept = Path(selection["best_checkpoint"]).name if selection.get("best_checkpoint") else "none"
-        lines += [f"Checkpoint kept: **{kept}** ({selection.get('why', '')}); restored: {selection.get('restored')}; "
-                  f"stopped early: {selection.get('early_stopped')}.", ""]
+        lines += [
+            f"Checkpoint kept: **{kept}** ({selection.get('why', '')}); restored: {selection.get('restored')}; "
+            f"stopped early: {selection.get('early_stopped')}.",
+            "",
+        ]
     train = [e for e in data["events"] if e.get("type") == "train" and e.get("loss") is not None]
     evals = [e for e in data["events"] if e.get("type") == "eval"]
     lines += ["## Curves", "", "The interactive chart is in report.html; the points are in metrics.jsonl.", ""]
     if train:
-        lines.append(f"Train loss {train[0]['loss']:.4f} (step {train[0]['step']}) → {train[-1]['loss']:.4f} (step {train[-1]['step']}).")
+        lines.append(
+            f"Train loss {train[0]['loss']:.4f} (step {train[0]['step']}) → {train[-1]['loss']:.4f} (step {train[-1]['step']})."
+        )
     if evals:
         lines.append("Eval loss: " + ", ".join(f"{e['eval_loss']:.4f} @ {e['step']}" for e in evals) + ".")
     lines += ["", "## Metrics: base vs fine-tuned", ""]
-    lines += _md_table(["metric", "base", "fine-tuned"], [[n, b, t] for n, b, t in data["metrics"]]) if data["metrics"] else ["no evaluation results"]
+    lines += (
+        _md_table(["metric", "base", "fine-tuned"], [[n, b, t] for n, b, t in data["metrics"]])
+        if data["metrics"]
+        else ["no evaluation results"]
+    )
     if data["predictions"]:
         lines += ["", f"## Sample predictions ({len(data['predictions'])} of {data['predictions_total']})", ""]
-        lines += _md_table(["prompt", "reference", "base", "fine-tuned"],
-                           [[p.get("prompt", "")[:200], p.get("reference", ""), p.get("base_prediction"), p.get("prediction", "")] for p in data["predictions"]])
+        lines += _md_table(
+            ["prompt", "reference", "base", "fine-tuned"],
+            [
+                [p.get("prompt", "")[:200], p.get("reference", ""), p.get("base_prediction"), p.get("prediction", "")]
+                for p in data["predictions"]
+            ],
+        )
     ds = r.get("dataset") or {}
     if ds:
-        lines += ["", "## Dataset", "", f"Fingerprint `{ds.get('fingerprint', '')}`, {ds.get('rows_read', '')} rows read.", ""]
-        lines += _md_table(["split", "rows", "median tokens", "truncated", "dropped"],
-                           [[s, (ds.get(s) or {}).get("rows"), (ds.get(s) or {}).get("median_tokens"),
-                             (ds.get(s) or {}).get("truncated_rows"), (ds.get(s) or {}).get("answer_lost_rows")] for s in ("train", "eval") if ds.get(s)])
+        lines += [
+            "",
+            "## Dataset",
+            "",
+            f"Fingerprint `{ds.get('fingerprint', '')}`, {ds.get('rows_read', '')} rows read.",
+            "",
+        ]
+        lines += _md_table(
+            ["split", "rows", "median tokens", "truncated", "dropped"],
+            [
+                [
+                    s,
+                    (ds.get(s) or {}).get("rows"),
+                    (ds.get(s) or {}).get("median_tokens"),
+                    (ds.get(s) or {}).get("truncated_rows"),
+                    (ds.get(s) or {}).get("answer_lost_rows"),
+                ]
+                for s in ("train", "eval")
+                if ds.get(s)
+            ],
+        )
     lines += ["", "## Exports", ""]
-    lines += _md_table(["format", "verification"], [list(v) for v in data["verification"]]) if data["verification"] else ["no exports"]
+    lines += (
+        _md_table(["format", "verification"], [list(v) for v in data["verification"]])
+        if data["verification"]
+        else ["no exports"]
+    )
     if data["files"]:
         lines.append("")
         lines += _md_table(["file", "bytes", "sha256"], [[f["file"], f["bytes"], f["sha256"]] for f in data["files"]])
-    lines += ["", "## Timings", ""] + _md_table(["what", "seconds"], [[k, v] for k, v in (r.get("timings") or {}).items()])
+    lines += ["", "## Timings", ""] + _md_table(
+        ["what", "seconds"], [[k, v] for k, v in (r.get("timings") or {}).items()]
+    )
     lines += ["", "## Config", "", "```yaml", data["config_text"], "```", ""]
     versions = r.get("versions") or {}
     if versions:

@@ -145,7 +145,9 @@ def load_run_config(run_dir: str | Path) -> Config:
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ConfigError("not a run directory (no config.yaml)", str(run_dir), "pick a directory made by a training run")
+        raise ConfigError(
+            "not a run directory (no config.yaml)", str(run_dir), "pick a directory made by a training run"
+        )
     return load_config(path, [f"output_dir={Path(run_dir)}", "resume=false"])
 
 

@@ -54,7 +54,9 @@ def build_local_llama(path: Path, **sizes) -> Path:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     config = LlamaConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **sizes,
     )
     torch.manual_seed(0)
@@ -66,8 +68,15 @@ def build_local_llama(path: Path, **sizes) -> Path:
 def build_llama_30m(path: Path) -> Path:
     """hidden 512, 6 layers, 8 heads, intermediate 1536, vocab 8192 (~29M parameters)."""
     return build_local_llama(
-        path, vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False,
+        path,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
     )
 
 
@@ -75,16 +84,21 @@ def build_rows(path: Path, rows: int = 2000) -> Path:
     """Alpaca rows of realistic mixed lengths: mostly single bundled rows (median ~110 tokens), some 2-4 joined."""
     if path.is_file():
         return path
-    sample = [json.loads(l) for l in (REPO / "assets" / "datasets" / "instruction_sample.jsonl").read_text().splitlines()]
+    sample = [
+        json.loads(line)
+        for line in (REPO / "assets" / "datasets" / "instruction_sample.jsonl").read_text().splitlines()
+    ]
     rng = random.Random(0)
     out = []
     for _ in range(rows):
         parts = rng.sample(sample, k=rng.choice([1, 1, 1, 1, 1, 1, 2, 2, 3, 4]))
-        out.append({
-            "instruction": " ".join(p["instruction"] for p in parts),
-            "input": " ".join(p.get("input", "") for p in parts).strip(),
-            "output": "\n\n".join(p["output"] for p in parts),
-        })
+        out.append(
+            {
+                "instruction": " ".join(p["instruction"] for p in parts),
+                "input": " ".join(p.get("input", "") for p in parts).strip(),
+                "output": "\n\n".join(p["output"] for p in parts),
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
     return path
 
@@ -99,9 +113,18 @@ def bench_config(workdir: Path, **extra):
 
     model, rows = workload(workdir)
     sets = {
-        "model_name": str(model), "dataset_path": str(rows), "max_seq_length": SEQ, "per_device_train_batch_size": BATCH,
-        "lora_r": LORA_R, "lora_alpha": 2 * LORA_R, "lora_target_modules": "all-linear", "eval_split": 0,
-        "logging_steps": 1, "save_steps": 100000, "learning_rate": 2e-4, "output_dir": str(workdir / "run"),
+        "model_name": str(model),
+        "dataset_path": str(rows),
+        "max_seq_length": SEQ,
+        "per_device_train_batch_size": BATCH,
+        "lora_r": LORA_R,
+        "lora_alpha": 2 * LORA_R,
+        "lora_target_modules": "all-linear",
+        "eval_split": 0,
+        "logging_steps": 1,
+        "save_steps": 100000,
+        "learning_rate": 2e-4,
+        "output_dir": str(workdir / "run"),
         "overwrite_output_dir": True,
     }
     sets.update(extra)
@@ -115,6 +138,8 @@ def print_result(figures: dict) -> None:
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return ""

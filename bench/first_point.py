@@ -43,8 +43,14 @@ def main() -> int:
         run.stop()
         run.wait(120)
         print(f"run {i}: first point after {times[-1]:.2f} s")
-    print_result({"seconds": round(statistics.median(times), 2), "min_s": round(min(times), 2),
-                  "max_s": round(max(times), 2), "repeats": len(times)})
+    print_result(
+        {
+            "seconds": round(statistics.median(times), 2),
+            "min_s": round(min(times), 2),
+            "max_s": round(max(times), 2),
+            "repeats": len(times),
+        }
+    )
     return 0
 
 

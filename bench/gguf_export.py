@@ -42,8 +42,13 @@ def _export_in_process(run_dir: Path, gtype: str) -> dict:
     figures = export_gguf(run, tokenizer, gtype)
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM") * 1024
-    return {"type": gtype, "seconds": round(seconds, 2), "peak_growth_bytes": peak - before,
-            "bytes": Path(figures["path"]).stat().st_size, "max_abs_logit_diff": figures.get("max_abs_logit_diff")}
+    return {
+        "type": gtype,
+        "seconds": round(seconds, 2),
+        "peak_growth_bytes": peak - before,
+        "bytes": Path(figures["path"]).stat().st_size,
+        "max_abs_logit_diff": figures.get("max_abs_logit_diff"),
+    }
 
 
 def main() -> int:
@@ -63,18 +68,34 @@ def main() -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = build_llama_100m(args.workdir / "llama-100m")
-    config = load_config(None, [f"model_name={model}", "dataset_path=sample", "max_steps=1", "eval_split=0",
-                                f"output_dir={args.workdir / 'run'}", "overwrite_output_dir=true", "max_seq_length=128"])
+    config = load_config(
+        None,
+        [
+            f"model_name={model}",
+            "dataset_path=sample",
+            "max_steps=1",
+            "eval_split=0",
+            f"output_dir={args.workdir / 'run'}",
+            "overwrite_output_dir=true",
+            "max_seq_length=128",
+        ],
+    )
     run_dir = run_job(config, show_progress=False).run_dir
     model_bytes = sum(p.stat().st_size for p in (run_dir / "merged").glob("*.safetensors"))
     out = {"model_bytes": model_bytes}
     for gtype in ("f16", "q8_0"):
-        proc = subprocess.run([sys.executable, __file__, "--type", gtype, "--run", str(run_dir)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--type", gtype, "--run", str(run_dir)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-2000:])
-        r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
-        print(f"{gtype}: {r['seconds']} s, peak RSS +{r['peak_growth_bytes'] / 2**20:.0f} MiB, file {r['bytes'] / 2**20:.0f} MiB")
+        r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        print(
+            f"{gtype}: {r['seconds']} s, peak RSS +{r['peak_growth_bytes'] / 2**20:.0f} MiB, file {r['bytes'] / 2**20:.0f} MiB"
+        )
         out[f"{gtype}_seconds"] = r["seconds"]
         out[f"{gtype}_peak_growth_bytes"] = r["peak_growth_bytes"]
         out[f"{gtype}_peak_over_model"] = round(r["peak_growth_bytes"] / model_bytes, 2)

@@ -23,16 +23,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BASE = {"max_steps": 3, "max_seq_length": 256, "eval_split": 0, "logging_steps": 1,
-        "save_steps": 1000, "per_device_train_batch_size": 4}
+BASE = {
+    "max_steps": 3,
+    "max_seq_length": 256,
+    "eval_split": 0,
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "per_device_train_batch_size": 4,
+}
 CASES: dict[str, dict] = {
     "tiny-llama-lora": {"model_name": "builtin:tiny-llama"},
     "tiny-llama-full": {"model_name": "builtin:tiny-llama", "peft_type": "none", "learning_rate": 2e-5},
     "llama-100m-lora": {"model_name": "llama-100m"},
     "llama-100m-lora-checkpointing": {"model_name": "llama-100m", "gradient_checkpointing": True},
     "llama-100m-qlora": {"model_name": "llama-100m", "quantization": "4bit", "peft_type": "qlora"},
-    "llama-100m-full-batch2": {"model_name": "llama-100m", "peft_type": "none", "per_device_train_batch_size": 2,
-                               "learning_rate": 2e-5},
+    "llama-100m-full-batch2": {
+        "model_name": "llama-100m",
+        "peft_type": "none",
+        "per_device_train_batch_size": 2,
+        "learning_rate": 2e-5,
+    },
 }
 
 
@@ -41,8 +51,15 @@ def build_llama_100m(path: Path) -> Path:
     from common import build_local_llama
 
     return build_local_llama(
-        path, vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=True,
+        path,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
 
 
@@ -102,9 +119,11 @@ def run_case(case: str, workdir: Path) -> dict:
     """The case in a fresh interpreter, so the peak is its own."""
     proc = subprocess.run(
         [sys.executable, __file__, "--case", case, "--workdir", str(workdir), "--json", "--in-process"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
@@ -130,8 +149,10 @@ def main() -> int:
     print("| case | parameters | estimate | measured | error |")
     print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['case']} | {r['parameters'] / 1e6:.1f}M | {r['estimate_bytes'] / 2**20:.0f} MiB | "
-              f"{r['measured_bytes'] / 2**20:.0f} MiB | {r['error']:+.0%} |")
+        print(
+            f"| {r['case']} | {r['parameters'] / 1e6:.1f}M | {r['estimate_bytes'] / 2**20:.0f} MiB | "
+            f"{r['measured_bytes'] / 2**20:.0f} MiB | {r['error']:+.0%} |"
+        )
     return 0
 
 

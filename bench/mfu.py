@@ -30,18 +30,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BATCH, bench_config, print_result
-
 import torch
+from common import BATCH, bench_config, print_result
 from transformers import TrainerCallback
 
 PRESETS = {
     # The CPU workload of bench/common.py (~29M parameters).
     "30m": None,
     # ~0.8B parameters, for a GPU: hidden 2048, 16 layers, 16 heads, intermediate 5632, vocab 8192.
-    "0.8b": dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
+    "0.8b": dict(
+        vocab_size=8192,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -141,8 +147,17 @@ def build_ours(config, workdir: Path):
     model = apply_peft(loaded.model, config)
     counter = FlopCounter(model)
     clock = StepClock(counter)
-    trainer = build_trainer(config, model, tokenizer, data.train, None, workdir / "ours", loaded.precision,
-                            callbacks=[clock], show_progress=False)
+    trainer = build_trainer(
+        config,
+        model,
+        tokenizer,
+        data.train,
+        None,
+        workdir / "ours",
+        loaded.precision,
+        callbacks=[clock],
+        show_progress=False,
+    )
     return trainer, clock, loaded.precision
 
 
@@ -193,17 +208,24 @@ def main() -> int:
 
     peak = {"fp32": peak_matmul_gflops(torch.float32), "bf16": peak_matmul_gflops(torch.bfloat16)}
     print(f"peak matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    extra = {"per_device_train_batch_size": args.batch, "quantization": args.quantization,
-             "peft_type": "qlora" if args.quantization != "none" else "lora"}
+    extra = {
+        "per_device_train_batch_size": args.batch,
+        "quantization": args.quantization,
+        "peft_type": "qlora" if args.quantization != "none" else "lora",
+    }
     if PRESETS[args.preset]:
         model = args.workdir / f"llama-{args.preset}"
         if not (model / "config.json").is_file():
             # Built in a child process: on an H200, our trainer measured ~3x slower (11.8-14.1k vs 42k tok/s) in
             # the process that had just built and saved the 0.8B model than in a fresh one (cause not found).
-            code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from common import build_local_llama; "
-                    "build_local_llama(__import__('pathlib').Path(sys.argv[2]), **json.loads(sys.argv[3]))")
-            subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(model),
-                            json.dumps(PRESETS[args.preset])], check=True)
+            code = (
+                "import json, sys; sys.path.insert(0, sys.argv[1]); from common import build_local_llama; "
+                "build_local_llama(__import__('pathlib').Path(sys.argv[2]), **json.loads(sys.argv[3]))"
+            )
+            subprocess.run(
+                [sys.executable, "-c", code, str(Path(__file__).parent), str(model), json.dumps(PRESETS[args.preset])],
+                check=True,
+            )
         extra["model_name"] = str(model)
     config = bench_config(args.workdir, **extra)
     trainer, clock, precision = build_ours(config, args.workdir)
@@ -221,27 +243,33 @@ def main() -> int:
     ours_rate, bare_rate = clock.tokens / clock.seconds, bare_tokens / bare_seconds
     ours_gflops, bare_gflops = clock.flops / clock.seconds / 1e9, bare_flops / bare_seconds / 1e9
     counter = clock.counter
-    print(f"matmul weights: {counter.frozen_params / 1e6:.1f}M frozen, {counter.trained_params / 1e6:.2f}M trained; "
-          f"precision {precision}")
+    print(
+        f"matmul weights: {counter.frozen_params / 1e6:.1f}M frozen, {counter.trained_params / 1e6:.2f}M trained; "
+        f"precision {precision}"
+    )
     print(f"ours: {clock.steps} timed steps, {clock.tokens} tokens, {ours_rate:.0f} tok/s, {ours_gflops:.1f} GFLOP/s")
-    print(f"bare loop: {args.rounds * (args.steps - 1)} timed steps, {bare_tokens} tokens, {bare_rate:.0f} tok/s, "
-          f"{bare_gflops:.1f} GFLOP/s")
-    print_result({
-        "peak_fp32_gflops": round(peak["fp32"], 1),
-        "peak_bf16_gflops": round(peak["bf16"], 1),
-        "ours_gflops": round(ours_gflops, 1),
-        "bare_loop_gflops": round(bare_gflops, 1),
-        "mfu_bf16": round(ours_gflops / peak["bf16"], 3),
-        "bare_loop_mfu_bf16": round(bare_gflops / peak["bf16"], 3),
-        "ours_tok_s": round(ours_rate, 1),
-        "bare_loop_tok_s": round(bare_rate, 1),
-        "ratio_vs_bare_loop": round(ours_rate / bare_rate, 3),
-        "precision": precision,
-        "preset": args.preset,
-        "quantization": args.quantization,
-        "batch": args.batch,
-        "timed_steps_per_method": args.rounds * (args.steps - 1),
-    })
+    print(
+        f"bare loop: {args.rounds * (args.steps - 1)} timed steps, {bare_tokens} tokens, {bare_rate:.0f} tok/s, "
+        f"{bare_gflops:.1f} GFLOP/s"
+    )
+    print_result(
+        {
+            "peak_fp32_gflops": round(peak["fp32"], 1),
+            "peak_bf16_gflops": round(peak["bf16"], 1),
+            "ours_gflops": round(ours_gflops, 1),
+            "bare_loop_gflops": round(bare_gflops, 1),
+            "mfu_bf16": round(ours_gflops / peak["bf16"], 3),
+            "bare_loop_mfu_bf16": round(bare_gflops / peak["bf16"], 3),
+            "ours_tok_s": round(ours_rate, 1),
+            "bare_loop_tok_s": round(bare_rate, 1),
+            "ratio_vs_bare_loop": round(ours_rate / bare_rate, 3),
+            "precision": precision,
+            "preset": args.preset,
+            "quantization": args.quantization,
+            "batch": args.batch,
+            "timed_steps_per_method": args.rounds * (args.steps - 1),
+        }
+    )
     return 0
 
 

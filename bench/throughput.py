@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BATCH, SEQ, bench_config, print_result
-
 import torch
+from common import BATCH, SEQ, bench_config, print_result
 from transformers import TrainerCallback
 
 
@@ -70,8 +69,15 @@ def _ours(config, workdir):
     loaded = load_model(config)
     clock = StepClock()
     trainer = build_trainer(
-        config, _lora(loaded.model, config), tokenizer, data.train, None, workdir / "ours", loaded.precision,
-        callbacks=[clock], show_progress=False,
+        config,
+        _lora(loaded.model, config),
+        tokenizer,
+        data.train,
+        None,
+        workdir / "ours",
+        loaded.precision,
+        callbacks=[clock],
+        show_progress=False,
     )
     return trainer, clock
 
@@ -91,10 +97,15 @@ def _seed(config, workdir):
 
     def encode(row):
         prompt = f"### Instruction:\n{row['instruction']}\n{row.get('input', '')}".rstrip() + separator
-        enc = tokenizer(prompt + row["output"] + tokenizer.eos_token, max_length=SEQ, truncation=True,
-                        padding="max_length", add_special_tokens=False)
+        enc = tokenizer(
+            prompt + row["output"] + tokenizer.eos_token,
+            max_length=SEQ,
+            truncation=True,
+            padding="max_length",
+            add_special_tokens=False,
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        cut = next((i + len(sep_ids) for i in range(len(ids)) if ids[i:i + len(sep_ids)] == sep_ids), len(ids))
+        cut = next((i + len(sep_ids) for i in range(len(ids)) if ids[i : i + len(sep_ids)] == sep_ids), len(ids))
         labels = [t if (i >= cut and m) else -100 for i, (t, m) in enumerate(zip(ids, mask))]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -103,10 +114,19 @@ def _seed(config, workdir):
     model = _lora(AutoModelForCausalLM.from_pretrained(config.model.model_name, dtype=torch.float32), config)
     clock = StepClock()
     args = TrainingArguments(
-        output_dir=str(workdir / "seed"), per_device_train_batch_size=BATCH, learning_rate=2e-4, max_steps=1,
-        bf16=precision == "bf16", gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
-        report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1000,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        output_dir=str(workdir / "seed"),
+        per_device_train_batch_size=BATCH,
+        learning_rate=2e-4,
+        max_steps=1,
+        bf16=precision == "bf16",
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1000,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
     )
     return Trainer(model=model, args=args, train_dataset=dataset, callbacks=[clock]), clock
 
@@ -114,8 +134,8 @@ def _seed(config, workdir):
 def _trl(config, workdir):
     """TRL's defaults on prompt/completion rows; bf16 and checkpointing set as ours, max_length as ours."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
 
     from autotuning.data.loading import load_rows
     from autotuning.modeling import load_tokenizer, resolve_precision
@@ -123,21 +143,37 @@ def _trl(config, workdir):
     tokenizer = load_tokenizer(config)
     raw = load_rows(config.data.fine_tuning_type, config.data.dataset_path)
     rows = [
-        {"prompt": [{"role": "user", "content": (r["instruction"] + "\n\n" + r.get("input", "")).strip()}],
-         "completion": [{"role": "assistant", "content": r["output"]}]}
+        {
+            "prompt": [{"role": "user", "content": (r["instruction"] + "\n\n" + r.get("input", "")).strip()}],
+            "completion": [{"role": "assistant", "content": r["output"]}],
+        }
         for r in raw.rows
     ]
     precision = resolve_precision(config.training.precision)
     model = _lora(AutoModelForCausalLM.from_pretrained(config.model.model_name, dtype=torch.float32), config)
     clock = StepClock()
     args = SFTConfig(
-        output_dir=str(workdir / "trl"), per_device_train_batch_size=BATCH, learning_rate=2e-4, max_steps=1,
-        bf16=precision == "bf16", gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
-        max_length=SEQ, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1000,
+        output_dir=str(workdir / "trl"),
+        per_device_train_batch_size=BATCH,
+        learning_rate=2e-4,
+        max_steps=1,
+        bf16=precision == "bf16",
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        max_length=SEQ,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1000,
         include_num_input_tokens_seen="non_padding",
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[clock])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     return trainer, clock
 
 
@@ -151,23 +187,27 @@ def main() -> int:
     methods = {"ours": _ours, "seed": _seed, "trl": _trl}
     built = {name: make(config, args.workdir) for name, make in methods.items()}
     for _round in range(args.rounds):
-        for name, (trainer, _clock) in built.items():
+        for trainer, _clock in built.values():
             trainer.args.max_steps = args.steps  # each call starts a fresh schedule: only timing matters here
             trainer.train(resume_from_checkpoint=None)
             gc.collect()
     rate = {name: clock.tokens / clock.seconds for name, (_t, clock) in built.items()}
     for name, (_t, clock) in built.items():
-        print(f"{name}: {clock.steps} timed steps, {clock.tokens} trained tokens, {clock.seconds:.1f} s, {rate[name]:.0f} tok/s")
-    print_result({
-        "ours_tok_s": round(rate["ours"], 1),
-        "seed_method_tok_s": round(rate["seed"], 1),
-        "trl_default_tok_s": round(rate["trl"], 1),
-        "ratio_vs_seed": round(rate["ours"] / rate["seed"], 3),
-        "ratio_vs_trl": round(rate["ours"] / rate["trl"], 3),
-        "timed_steps_per_method": args.rounds * (args.steps - 1),
-        "seq": SEQ,
-        "batch": BATCH,
-    })
+        print(
+            f"{name}: {clock.steps} timed steps, {clock.tokens} trained tokens, {clock.seconds:.1f} s, {rate[name]:.0f} tok/s"
+        )
+    print_result(
+        {
+            "ours_tok_s": round(rate["ours"], 1),
+            "seed_method_tok_s": round(rate["seed"], 1),
+            "trl_default_tok_s": round(rate["trl"], 1),
+            "ratio_vs_seed": round(rate["ours"] / rate["seed"], 3),
+            "ratio_vs_trl": round(rate["ours"] / rate["trl"], 3),
+            "timed_steps_per_method": args.rounds * (args.steps - 1),
+            "seq": SEQ,
+            "batch": BATCH,
+        }
+    )
     return 0
 
 

@@ -49,13 +49,13 @@ def main() -> int:
         run = ctx.pipeline.start(config)
         done = threading.Event()
 
-        def poll():
+        def poll(done: threading.Event):
             while not done.wait(1.0):
                 snap = snapshot(ctx)
                 events = snap["events"]
                 loss_figure(events), lr_figure(events), throughput_figure(events)
 
-        poller = threading.Thread(target=poll)
+        poller = threading.Thread(target=poll, args=(done,))
         poller.start()
         run.wait()
         done.set()
@@ -68,8 +68,15 @@ def main() -> int:
         cli_rates.append(_rate(sink.events(0)))
         print(f"pair {i}: ui {ui_rates[-1]:.0f} tok/s, headless {cli_rates[-1]:.0f} tok/s")
     ui, cli = statistics.median(ui_rates), statistics.median(cli_rates)
-    print_result({"ui_tok_s": round(ui, 1), "cli_tok_s": round(cli, 1), "ratio": round(ui / cli, 3),
-                  "steps": args.steps, "pairs": args.pairs})
+    print_result(
+        {
+            "ui_tok_s": round(ui, 1),
+            "cli_tok_s": round(cli, 1),
+            "ratio": round(ui / cli, 3),
+            "steps": args.steps,
+            "pairs": args.pairs,
+        }
+    )
     return 0
 
 

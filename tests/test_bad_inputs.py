@@ -106,8 +106,20 @@ def test_bad_dataset_through_the_cli(name, tmp_path):
     kind, needle = DATA_CASES[name]
     root = tmp_path / "runs"
     root.mkdir()
-    rc, err = _cli(["train", "--set", f"dataset_path={BAD / name}", "--set", f"fine_tuning_type={kind}",
-                    "--set", f"output_dir={root / 'run'}", "--set", "max_seq_length=512", "--quiet"])
+    rc, err = _cli(
+        [
+            "train",
+            "--set",
+            f"dataset_path={BAD / name}",
+            "--set",
+            f"fine_tuning_type={kind}",
+            "--set",
+            f"output_dir={root / 'run'}",
+            "--set",
+            "max_seq_length=512",
+            "--quiet",
+        ]
+    )
     _assert_one_clear_error(rc, err, name, needle)
     assert _entries(root) == set()  # nothing written
 
@@ -149,9 +161,16 @@ def test_bad_dataset_through_the_ui(name, ctx):
         form = _form(dataset_source=SOURCE_HUB, hub_dataset=str(path))
     else:
         form = _form(dataset_source=SOURCE_UPLOAD, upload=stage_upload(str(path), ctx.workspace))
-    form.update(fine_tuning_type={"instruction": "instruction_fine_tuning", "chat": "chat_fine_tuning",
-                                  "qa": "question_answering", "rag": "rag_fine_tuning"}[kind],
-                max_seq_length=512, run_name=f"bad-{path.stem}")
+    form.update(
+        fine_tuning_type={
+            "instruction": "instruction_fine_tuning",
+            "chat": "chat_fine_tuning",
+            "qa": "question_answering",
+            "rag": "rag_fine_tuning",
+        }[kind],
+        max_seq_length=512,
+        run_name=f"bad-{path.stem}",
+    )
     before = _entries(ctx.output_root)
     start_from_form(ctx, form)
     run = ctx.pipeline.current
@@ -214,18 +233,30 @@ def test_output_dir_that_is_a_file_or_read_only(tmp_path):
 
 
 def test_tensorflow_export_of_an_unsupported_architecture_is_refused_before_training(tmp_path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     from autotuning.modeling import resolve_model_path
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     model_dir = tmp_path / "neox"
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=128)).save_pretrained(model_dir)
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+        )
+    ).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    rc, err = _cli(["train", "--set", f"model_name={model_dir}", "--set", "save_format=torch,tensorflow",
-                    "--set", f"output_dir={tmp_path / 'run'}", "--quiet"])
+    rc, err = _cli(
+        [
+            "train",
+            "--set",
+            f"model_name={model_dir}",
+            "--set",
+            "save_format=torch,tensorflow",
+            "--set",
+            f"output_dir={tmp_path / 'run'}",
+            "--quiet",
+        ]
+    )
     _assert_one_clear_error(rc, err, "gpt_neox", "save_format")
     assert not (tmp_path / "run").exists()
 
@@ -268,21 +299,37 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
     rc, err = _cli(["train", "--set", f"model_name={model_dir}", "--set", f"output_dir={tmp_path / 'a'}", "--quiet"])
     _assert_one_clear_error(rc, err, "pickle", "allow_pickle_weights")
     assert not (tmp_path / "a").exists()
-    rc, err = _cli(["train", "--set", f"model_name={model_dir}", "--set", "allow_pickle_weights=true",
-                    "--set", f"output_dir={tmp_path / 'b'}", "--set", "max_steps=2", "--quiet"])
+    rc, err = _cli(
+        [
+            "train",
+            "--set",
+            f"model_name={model_dir}",
+            "--set",
+            "allow_pickle_weights=true",
+            "--set",
+            f"output_dir={tmp_path / 'b'}",
+            "--set",
+            "max_steps=2",
+            "--quiet",
+        ]
+    )
     assert rc == 0, err
     assert {p.suffix for p in (tmp_path / "b" / "merged").iterdir()} >= {".safetensors"}  # we only write safetensors
     # Weights we write are safetensors everywhere (checkpoints too); the Trainer's own state files are not weights.
-    weights = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("model", "adapter_model", "pytorch_model"))]
+    weights = [
+        p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("model", "adapter_model", "pytorch_model"))
+    ]
     assert weights and all(name.endswith(".safetensors") for name in weights), weights
 
 
 def test_the_token_is_not_echoed_by_errors_or_printed_configs(tmp_path, monkeypatch):
     sentinel = "hf_SENTINEL_never_print_me_987654321"
     monkeypatch.setenv("HF_TOKEN", sentinel)
-    for argv in (["train", "--set", "model_name=nobody/no-such-model", "--set", f"output_dir={tmp_path / 'a'}"],
-                 ["train", "--set", "dataset_path=nobody/no-such-dataset", "--set", f"output_dir={tmp_path / 'b'}"],
-                 ["train", "--set", f"hf_token={sentinel}", "--set", "learning_rate=-1"]):
+    for argv in (
+        ["train", "--set", "model_name=nobody/no-such-model", "--set", f"output_dir={tmp_path / 'a'}"],
+        ["train", "--set", "dataset_path=nobody/no-such-dataset", "--set", f"output_dir={tmp_path / 'b'}"],
+        ["train", "--set", f"hf_token={sentinel}", "--set", "learning_rate=-1"],
+    ):
         rc, err = _cli(argv)
         assert rc == 2 and sentinel not in err
     out = io.StringIO()

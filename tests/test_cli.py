@@ -52,7 +52,9 @@ def test_quickstart_train_offline(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "eval_results.json", "checkpoints", "adapter", "merged", "run.json"} <= {
         p.name for p in out.iterdir()
     }
-    print(f"quickstart: {elapsed:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval {evals[0]:.4f} -> {evals[-1]:.4f}")
+    print(
+        f"quickstart: {elapsed:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval {evals[0]:.4f} -> {evals[-1]:.4f}"
+    )
 
 
 def _assert_bad_input(proc: subprocess.CompletedProcess, *needles: str, out: Path | None = None):

@@ -69,7 +69,9 @@ def test_yaml_round_trip_and_grouped_or_flat(tmp_path):
 
 
 def test_cli_style_values_are_typed():
-    cfg = load_config(None, ["max_steps=20", "packing=true", "eval_split=0.2", "fine_tuning_type=rag", "training.seed=7"])
+    cfg = load_config(
+        None, ["max_steps=20", "packing=true", "eval_split=0.2", "fine_tuning_type=rag", "training.seed=7"]
+    )
     assert cfg.training.max_steps == 20 and cfg.training.packing is True
     assert cfg.data.eval_split == pytest.approx(0.2)
     assert cfg.data.fine_tuning_type is FineTuningType.RAG

@@ -25,7 +25,12 @@ def _turns(example):
 
 def test_alpaca_with_and_without_input(jsonl):
     fmt, rows, _ = _normalise(
-        jsonl([{"instruction": "Translate", "input": "Hello", "output": "Bonjour"}, {"instruction": "Hi", "output": "Hey"}])
+        jsonl(
+            [
+                {"instruction": "Translate", "input": "Hello", "output": "Bonjour"},
+                {"instruction": "Hi", "output": "Hey"},
+            ]
+        )
     )
     assert fmt.name == "alpaca"
     assert _turns(rows[0]) == [("user", "Translate\n\nHello"), ("assistant", "Bonjour")]
@@ -57,7 +62,11 @@ def test_openai_messages_and_sharegpt(jsonl):
 
 @pytest.mark.parametrize(
     "answer,expected",
-    [("Paris", ["Paris"]), (["Paris", "paris, France"], ["Paris", "paris, France"]), ({"text": ["Paris"], "answer_start": [0]}, ["Paris"])],
+    [
+        ("Paris", ["Paris"]),
+        (["Paris", "paris, France"], ["Paris", "paris, France"]),
+        ({"text": ["Paris"], "answer_start": [0]}, ["Paris"]),
+    ],
 )
 def test_qa_answer_shapes(jsonl, answer, expected):
     fmt, rows, _ = _normalise(
@@ -68,7 +77,9 @@ def test_qa_answer_shapes(jsonl, answer, expected):
 
 
 def test_rag_passages_and_ms_marco(jsonl):
-    fmt, rows, _ = _normalise(jsonl([{"context": ["first passage", "second passage"], "question": "Q?", "answer": "A."}]), "rag")
+    fmt, rows, _ = _normalise(
+        jsonl([{"context": ["first passage", "second passage"], "question": "Q?", "answer": "A."}]), "rag"
+    )
     user = rows[0]["prompt"][-1]["content"]
     assert fmt.name == "qa" and "[1] first passage" in user and "[2] second passage" in user
     marco = {
@@ -84,7 +95,9 @@ def test_rag_passages_and_ms_marco(jsonl):
 def test_csv_and_parquet(tmp_path):
     import pandas as pd
 
-    frame = pd.DataFrame([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}])
+    frame = pd.DataFrame(
+        [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    )
     frame.to_csv(tmp_path / "d.csv", index=False)
     frame.to_parquet(tmp_path / "d.parquet")
     for name in ("d.csv", "d.parquet"):
@@ -142,12 +155,22 @@ def test_csv_missing_column(tmp_path):
 )
 def test_bad_conversations_name_the_turn(jsonl, conversation, needle):
     with pytest.raises(DataError) as err:
-        _normalise(jsonl([{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}, {"messages": conversation}]), "chat")
+        _normalise(
+            jsonl(
+                [
+                    {"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]},
+                    {"messages": conversation},
+                ]
+            ),
+            "chat",
+        )
     assert needle in str(err.value) and "line 2" in str(err.value)
 
 
 def test_skip_bad_rows_counts_them(jsonl):
-    path = jsonl([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}, {"instruction": "e", "output": "f"}])
+    path = jsonl(
+        [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}, {"instruction": "e", "output": "f"}]
+    )
     _, rows, skipped = _normalise(path, skip_bad_rows="true")
     assert len(rows) == 2 and skipped == 1
 

@@ -25,8 +25,22 @@ def _quick(tmp_path, *sets: str):
 
 def test_cli_ddp_two_processes_on_cpu(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--set", "distributed=ddp", "--set", "num_processes=2", "--set", f"output_dir={out}",
-               "--set", "max_steps=12", "--set", "logging_steps=2", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--set",
+            "distributed=ddp",
+            "--set",
+            "num_processes=2",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "max_steps=12",
+            "--set",
+            "logging_steps=2",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "launch: " in err and "accelerate.commands.launch --config_file" in err and "-m autotuning train" in err
@@ -45,7 +59,9 @@ def test_cli_ddp_two_processes_on_cpu(tmp_path, capsys):
 
 
 def test_pipeline_streams_stops_and_resumes_a_ddp_run(tmp_path):
-    config = _quick(tmp_path, "distributed=ddp", "num_processes=2", "max_steps=400", "save_steps=1000", "logging_steps=1")
+    config = _quick(
+        tmp_path, "distributed=ddp", "num_processes=2", "max_steps=400", "save_steps=1000", "logging_steps=1"
+    )
     pipeline = Pipeline(tmp_path)
     run = pipeline.start(config)
     deadline = time.time() + 180
@@ -105,8 +121,20 @@ def test_seed_fsdp_flag_is_distributed_fsdp():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs 2 CUDA GPUs")
 def test_fsdp_two_gpus_trains_and_exports(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--set", "distributed=fsdp", "--set", "num_processes=2", "--set", f"output_dir={out}",
-               "--set", "max_steps=10", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--set",
+            "distributed=fsdp",
+            "--set",
+            "num_processes=2",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "max_steps=10",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "finished"

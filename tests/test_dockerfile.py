@@ -69,7 +69,9 @@ def test_everything_copied_exists_and_is_sent_to_the_build():
     for source in sources:
         path = REPO / source
         assert path.exists(), f"Dockerfile copies {source}, which is not in the repository"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = (
+            [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         for file in files:
             rel = file.relative_to(REPO).as_posix()
             assert not _dockerignored(rel), f".dockerignore keeps {rel} out of the build, but the Dockerfile copies it"

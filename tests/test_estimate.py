@@ -70,8 +70,19 @@ def test_verdicts_and_a_suggestion_that_fits():
 
 
 def test_cli_estimate_prints_breakdown_and_a_json_line(capsys):
-    rc = main(["estimate", "--set", "per_device_train_batch_size=16", "--set", "max_seq_length=2048",
-               "--device", "cuda", "--free-gib", "1"])
+    rc = main(
+        [
+            "estimate",
+            "--set",
+            "per_device_train_batch_size=16",
+            "--set",
+            "max_seq_length=2048",
+            "--device",
+            "cuda",
+            "--free-gib",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0
     summary = json.loads(out[-1])
@@ -87,7 +98,9 @@ def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(case, tmp_path):
     """bench/memory.py trains the case in a fresh process and reads its peak RSS after training."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memory.py"), "--case", case, "--workdir", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

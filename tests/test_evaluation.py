@@ -87,7 +87,9 @@ def test_squad_normalisation_exact_match_and_f1():
 def test_rouge_l_on_known_strings():
     rouge = load_metric("rouge_l")
     # LCS("the cat sat", "the cat sat down") = 3: P = 1, R = 3/4, F = 6/7.
-    assert rouge.compute(predictions=["the cat sat"], references=[["the cat sat down"]])["rougeL"] == pytest.approx(6 / 7)
+    assert rouge.compute(predictions=["the cat sat"], references=[["the cat sat down"]])["rougeL"] == pytest.approx(
+        6 / 7
+    )
     assert rouge.compute(predictions=["a b c"], references=[["x y", "c b a"]])["rougeL"] == pytest.approx(1 / 3)
     assert rouge.compute(predictions=["Same text."], references=[["same text"]])["rougeL"] == pytest.approx(1.0)
 
@@ -127,7 +129,9 @@ def test_code_generation_metrics():
 def test_csv_puts_base_and_tuned_side_by_side(tmp_path):
     from autotuning.evaluation import save_eval_results
 
-    path = save_eval_results({"accuracy": 0.5, "base_accuracy": 0.25, "eval_rows": 3, "base_eval_rows": 3}, tmp_path, "csv")
+    path = save_eval_results(
+        {"accuracy": 0.5, "base_accuracy": 0.25, "eval_rows": 3, "base_eval_rows": 3}, tmp_path, "csv"
+    )
     assert path.read_text().splitlines() == ["metric,tuned,base", "accuracy,0.5,0.25", "eval_rows,3,3"]
 
 
@@ -136,14 +140,28 @@ def test_tiny_model_memorises_qa_rows_tuned_exact_match_beats_base(tmp_path, jso
     from autotuning.config import load_config
     from autotuning.job import run_job
 
-    facts = [("Who wrote the letter?", "Mara"), ("What colour was the door?", "green"),
-             ("Which city hosted the fair?", "Lisbon"), ("How many boats were in the harbour?", "seven")]
+    facts = [
+        ("Who wrote the letter?", "Mara"),
+        ("What colour was the door?", "green"),
+        ("Which city hosted the fair?", "Lisbon"),
+        ("How many boats were in the harbour?", "seven"),
+    ]
     context = "Mara wrote the letter. The door was green. The fair was in Lisbon. Seven boats were in the harbour."
     path = jsonl([{"context": context, "question": q, "answer": a} for q, a in facts] * 25)
     sets = {
-        "fine_tuning_type": "question_answering", "dataset_path": path, "output_dir": tmp_path / "run",
-        "peft_type": "none", "max_steps": 60, "learning_rate": 3e-3, "warmup_ratio": 0, "per_device_train_batch_size": 8,
-        "max_seq_length": 256, "eval_split": 0.1, "eval_generations": 8, "eval_max_new_tokens": 12, "eval_save_format": "csv",
+        "fine_tuning_type": "question_answering",
+        "dataset_path": path,
+        "output_dir": tmp_path / "run",
+        "peft_type": "none",
+        "max_steps": 60,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0,
+        "per_device_train_batch_size": 8,
+        "max_seq_length": 256,
+        "eval_split": 0.1,
+        "eval_generations": 8,
+        "eval_max_new_tokens": 12,
+        "eval_save_format": "csv",
     }
     result = run_job(load_config(None, [f"{k}={v}" for k, v in sets.items()]), show_progress=False)
     assert result.status == "finished"

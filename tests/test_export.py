@@ -11,7 +11,6 @@ import torch
 from autotuning.cli import main
 from autotuning.config import load_config
 from autotuning.errors import ExportError
-from autotuning.export import export_run
 from autotuning.export import gguf as gguf_export
 from autotuning.export.gguf import SUPPORTED_GGUF_ARCHITECTURES, export_gguf
 from autotuning.export.tensorflow import export_tensorflow
@@ -66,7 +65,11 @@ def test_gguf_f32_parity_and_metadata(trained, name):
 def test_gguf_q8_0_reports_agreement(trained, name):
     run = trained[name]
     figures = export_gguf(run, _tokenizer(run), "q8_0")
-    f32_size = (run.path / "gguf" / "model-f32.gguf").stat().st_size if (run.path / "gguf" / "model-f32.gguf").exists() else None
+    f32_size = (
+        (run.path / "gguf" / "model-f32.gguf").stat().st_size
+        if (run.path / "gguf" / "model-f32.gguf").exists()
+        else None
+    )
     assert 0 <= figures["greedy_agreement_tokens"] <= figures["greedy_tokens"] == 32
     assert 0 < figures["max_abs_logit_diff"] < 0.5  # quantization error, reported
     assert figures["tokenizer_ids_match"] and figures["eos_matches"]
@@ -135,8 +138,14 @@ def _tiny_unsupported_model(path, tokenizer):
     from transformers import AutoModelForCausalLM, OPTConfig
 
     cfg = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=2,
-        word_embed_proj_dim=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
     )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -148,7 +157,9 @@ def test_unsupported_architecture_fails_before_training(tmp_path, capsys, fmt):
     model_dir = tmp_path / "tiny-opt"
     _tiny_unsupported_model(model_dir, tokenizer)
     out = tmp_path / "run"
-    code = main(["train", "--set", f"model_name={model_dir}", "--set", f"save_format=torch,{fmt}", "--set", f"output_dir={out}"])
+    code = main(
+        ["train", "--set", f"model_name={model_dir}", "--set", f"save_format=torch,{fmt}", "--set", f"output_dir={out}"]
+    )
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][-1]
     assert code == 2
     assert "'opt'" in line and "supported:" in line
@@ -197,8 +208,16 @@ def test_gguf_tensor_names_and_types_read_back(trained):
 def _tiny(model_type: str, tokenizer):
     from transformers import MistralConfig, Qwen3Config
 
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, max_position_embeddings=512)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+    )
     if model_type == "mistral":
         return MistralConfig(num_attention_heads=4, num_key_value_heads=2, **common, **ids)
     # transformers' GGUF reader does not read Qwen3's head_dim and assumes 128, as every released Qwen3 has.

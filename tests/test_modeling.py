@@ -29,7 +29,9 @@ def test_builtin_models_load_with_chat_template_and_64_multiple_sizes(name):
     tokenizer = load_tokenizer(config)
     model = load_model(config).model
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):

@@ -39,9 +39,22 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copy2(path, src / name)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (built,) = out.glob("autotuning-*.whl")
@@ -62,8 +75,11 @@ def test_wheel_has_every_module_and_the_app(names):
 
 def test_wheel_has_every_bundled_asset_inside_the_package(names):
     assets = {"autotuning/" + name for name in _files("assets")}
-    assert {"autotuning/assets/style.css", "autotuning/assets/logo.svg",
-            "autotuning/assets/datasets/instruction_sample.jsonl"} <= assets
+    assert {
+        "autotuning/assets/style.css",
+        "autotuning/assets/logo.svg",
+        "autotuning/assets/datasets/instruction_sample.jsonl",
+    } <= assets
     assert assets <= names, sorted(assets - names)
     assert not any(n.startswith(("assets/", "tests/", "bench/")) for n in names)
 
@@ -81,7 +97,9 @@ def test_console_scripts_resolve_to_the_cli_and_the_app(wheel):
     from autotuning.cli import main
 
     assert EntryPoint(name="autotuning", value=scripts["autotuning"], group="console_scripts").load() is main
-    assert EntryPoint(name="autotuning-app", value=scripts["autotuning-app"], group="console_scripts").load() is app.main
+    assert (
+        EntryPoint(name="autotuning-app", value=scripts["autotuning-app"], group="console_scripts").load() is app.main
+    )
 
 
 def test_installed_wheel_runs_from_site_packages(wheel, tmp_path):
@@ -90,9 +108,22 @@ def test_installed_wheel_runs_from_site_packages(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-         "--disable-pip-version-check", str(wheel)],
-        check=True, capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=60)  # not the checkout: it would shadow the wheel
     help_out = subprocess.run([str(venv / "bin" / "autotuning"), "--help"], **run)

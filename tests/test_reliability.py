@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,9 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(out: Path, **extra):
-    sets = {"dataset_path": "sample", "output_dir": out, "max_steps": 12, "per_device_train_batch_size": 4,
-            "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100, "eval_split": 0, "seed": 7,
-            "max_seq_length": 256}
+    sets = {
+        "dataset_path": "sample",
+        "output_dir": out,
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "eval_split": 0,
+        "seed": 7,
+        "max_seq_length": 256,
+    }
     sets.update(extra)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
@@ -61,12 +69,29 @@ def test_stop_and_resume_reach_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 def test_sigkill_mid_run_is_listed_as_interrupted_and_resumes(tmp_path):
     out = tmp_path / "runs" / "killed"
-    cmd = [sys.executable, "-m", "autotuning", "train", "--set", f"output_dir={out}", "--set", "max_steps=400",
-           "--set", "save_steps=4", "--set", "logging_steps=1", "--set", "eval_split=0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autotuning",
+        "train",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "max_steps=400",
+        "--set",
+        "save_steps=4",
+        "--set",
+        "logging_steps=1",
+        "--set",
+        "eval_split=0",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").is_file():
+        while (
+            time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").is_file()
+        ):
             time.sleep(0.1)
         assert (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").is_file()
     finally:
@@ -81,8 +106,22 @@ def test_sigkill_mid_run_is_listed_as_interrupted_and_resumes(tmp_path):
         fh.write('{"type": "train", "step": 10')
 
     done = subprocess.run(
-        [sys.executable, "-m", "autotuning", "train", "--resume", "--set", f"output_dir={out}", "--set", "max_steps=16",
-         "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "autotuning",
+            "train",
+            "--resume",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "max_steps=16",
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     record = RunDir(out).read()

@@ -95,7 +95,9 @@ def test_stop_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path):
 def test_full_fine_tune_exports_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = _config(tmp_path, FineTuningType.INSTRUCTION, peft_type="none", max_steps=4, learning_rate=1e-3, eval_split=0)
+    config = _config(
+        tmp_path, FineTuningType.INSTRUCTION, peft_type="none", max_steps=4, learning_rate=1e-3, eval_split=0
+    )
     result = run_job(config, show_progress=False)
     assert result.status == "finished"
     assert not (result.run_dir / "adapter").exists()
@@ -108,15 +110,24 @@ def test_quantized_lora_trains_and_merges_into_an_unquantized_model(tmp_path, js
     from transformers import AutoModelForCausalLM
 
     # A few rows repeated: the loss must fall clearly within 12 steps (noise between random rows would hide it).
-    facts = [("Name the capital of France.", "Paris is the capital of France."),
-             ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
-             ("How many legs does a spider have?", "A spider has eight legs."),
-             ("What do bees make?", "Bees make honey.")]
+    facts = [
+        ("Name the capital of France.", "Paris is the capital of France."),
+        ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
+        ("How many legs does a spider have?", "A spider has eight legs."),
+        ("What do bees make?", "Bees make honey."),
+    ]
     path = jsonl([{"instruction": q, "output": a} for q, a in facts] * 10)
     # The builtin models' sizes are multiples of 64, which bitsandbytes' 4-bit CPU kernels need.
     config = _config(
-        tmp_path, FineTuningType.INSTRUCTION, dataset_path=str(path), max_steps=12, logging_steps=1, eval_split=0,
-        learning_rate=1e-2, warmup_ratio=0, **quant
+        tmp_path,
+        FineTuningType.INSTRUCTION,
+        dataset_path=str(path),
+        max_steps=12,
+        logging_steps=1,
+        eval_split=0,
+        learning_rate=1e-2,
+        warmup_ratio=0,
+        **quant,
     )
     result = run_job(config, show_progress=False)
     assert result.status == "finished"
@@ -140,7 +151,9 @@ def test_out_of_memory_retries_with_a_smaller_batch_then_checkpointing(tmp_path,
 
     class InjectOOM(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps, args.gradient_checkpointing))
+            seen.append(
+                (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.gradient_checkpointing)
+            )
             if state.global_step == 2 and not args.gradient_checkpointing:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
 
@@ -247,13 +260,29 @@ def test_default_batches_are_not_padded_to_max_seq_length(tmp_path, jsonl):
     from autotuning.training import build_trainer
 
     def padding(**extra):
-        config = _config(tmp_path, FineTuningType.INSTRUCTION, dataset_path=path, max_seq_length=1024,
-                         per_device_train_batch_size=8, eval_split=0, **extra)
+        config = _config(
+            tmp_path,
+            FineTuningType.INSTRUCTION,
+            dataset_path=path,
+            max_seq_length=1024,
+            per_device_train_batch_size=8,
+            eval_split=0,
+            **extra,
+        )
         tokenizer = load_tokenizer(config)
         data = prepare_data(config, tokenizer)
         loaded = load_model(config)
-        trainer = build_trainer(config, apply_peft(loaded.model, config), tokenizer, data.train, None,
-                                tmp_path / "ckpt", loaded.precision, callbacks=[], show_progress=False)
+        trainer = build_trainer(
+            config,
+            apply_peft(loaded.model, config),
+            tokenizer,
+            data.train,
+            None,
+            tmp_path / "ckpt",
+            loaded.precision,
+            callbacks=[],
+            show_progress=False,
+        )
         real = total = 0
         widths = []
         for batch in trainer.get_train_dataloader():  # one epoch

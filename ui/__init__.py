@@ -72,10 +72,19 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         # Opening a tab refreshes its run list and picks the newest finished run if none is chosen.
         for tab, parts in ((evaluate_tab_ui, evaluate_parts), (export_tab_ui, export_parts), (chat_tab_ui, chat_parts)):
             tab.select(lambda current: finished_runs_update(ctx, current), inputs=parts["run"], outputs=parts["run"])
-        runs_tab_ui.select(lambda: (runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())), outputs=[runs_parts["table"], runs_parts["pick"]])
+        runs_tab_ui.select(
+            lambda: (runs_tab.runs_table(ctx), gr.update(choices=ctx.run_choices())),
+            outputs=[runs_parts["table"], runs_parts["pick"]],
+        )
         config_tab.validate_on_load(demo, ctx, form, config_parts)
         demo.load(
             refresh_lists,
-            outputs=[evaluate_parts["run"], export_parts["run"], chat_parts["run"], runs_parts["table"], runs_parts["pick"]],
+            outputs=[
+                evaluate_parts["run"],
+                export_parts["run"],
+                chat_parts["run"],
+                runs_parts["table"],
+                runs_parts["pick"],
+            ],
         )
     return demo

@@ -42,14 +42,23 @@ def loss_figure(events: list[dict[str, Any]]) -> PlotData:
     ex, ey = _series(events, "eval", "eval_loss")
     if ex:
         traces.append(
-            {"type": "scatter", "x": ex, "y": ey, "mode": "lines+markers", "name": "eval loss", "marker": {"size": 7, "symbol": "diamond"}}
+            {
+                "type": "scatter",
+                "x": ex,
+                "y": ey,
+                "mode": "lines+markers",
+                "name": "eval loss",
+                "marker": {"size": 7, "symbol": "diamond"},
+            }
         )
     return _figure(traces, f"Loss ({len(x)} points)", "loss")
 
 
 def lr_figure(events: list[dict[str, Any]]) -> PlotData:
     x, y = _series(events, "train", "learning_rate")
-    return _figure([{"type": "scatter", "x": x, "y": y, "mode": "lines", "name": "learning rate"}], "Learning rate", "lr")
+    return _figure(
+        [{"type": "scatter", "x": x, "y": y, "mode": "lines", "name": "learning rate"}], "Learning rate", "lr"
+    )
 
 
 def throughput_figure(events: list[dict[str, Any]]) -> PlotData:
@@ -60,7 +69,9 @@ def throughput_figure(events: list[dict[str, Any]]) -> PlotData:
 
 def length_histogram(lengths: list[int], max_seq_length: int) -> go.Figure:
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=40, name="rows"))
-    fig.add_vline(x=max_seq_length, line_dash="dash", line_color="crimson", annotation_text=f"max_seq_length {max_seq_length}")
+    fig.add_vline(
+        x=max_seq_length, line_dash="dash", line_color="crimson", annotation_text=f"max_seq_length {max_seq_length}"
+    )
     layout = dict(_LAYOUT, xaxis_title="tokens per row (prompt + answer)")
     fig.update_layout(title="Token lengths", yaxis_title="rows", **layout)
     return fig

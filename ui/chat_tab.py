@@ -35,15 +35,27 @@ def build(ctx: AppContext) -> dict:
     return parts
 
 
-def reply_both(ctx: AppContext, run_dir: str, message: str, tuned_history: list, base_history: list, max_new_tokens: int, temperature: float):
+def reply_both(
+    ctx: AppContext,
+    run_dir: str,
+    message: str,
+    tuned_history: list,
+    base_history: list,
+    max_new_tokens: int,
+    temperature: float,
+):
     """Append the user's message and each model's reply to both histories."""
     config = load_run_config(run_dir)
     out = []
     for source, history in ((run_dir, tuned_history), (config.model.model_name, base_history)):
         model, tokenizer = ctx.models.get(source, like=config if source != run_dir else None)
-        messages = [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": message}]
+        messages = [{"role": m["role"], "content": m["content"]} for m in history] + [
+            {"role": "user", "content": message}
+        ]
         reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
-        out.append(history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply or "(empty reply)"}])
+        out.append(
+            history + [{"role": "user", "content": message}, {"role": "assistant", "content": reply or "(empty reply)"}]
+        )
     return out[0], out[1]
 
 
@@ -65,12 +77,21 @@ def wire(ctx: AppContext, parts: dict) -> None:
         tuned = [{"role": m["role"], "content": _text(m["content"])} for m in (tuned or [])]
         base = [{"role": m["role"], "content": _text(m["content"])} for m in (base or [])]
         try:
-            tuned, base = reply_both(ctx, run_dir, message.strip(), tuned, base, int(max_new_tokens), float(temperature))
+            tuned, base = reply_both(
+                ctx, run_dir, message.strip(), tuned, base, int(max_new_tokens), float(temperature)
+            )
         except UserError as err:
             raise gr.Error(err.message) from None
         return tuned, base, ""
 
-    inputs = [parts["run"], parts["message"], parts["tuned"], parts["base"], parts["max_new_tokens"], parts["temperature"]]
+    inputs = [
+        parts["run"],
+        parts["message"],
+        parts["tuned"],
+        parts["base"],
+        parts["max_new_tokens"],
+        parts["temperature"],
+    ]
     outputs = [parts["tuned"], parts["base"], parts["message"]]
     parts["send"].click(on_send, inputs=inputs, outputs=outputs)
     parts["message"].submit(on_send, inputs=inputs, outputs=outputs)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from autotuning.config import (
     Config,
+    Distributed,
     EvalSaveFormat,
     FineTuningType,
     GgufType,
     PeftType,
-    Distributed,
     Precision,
     Quantization,
     SaveFormat,
@@ -56,69 +54,119 @@ def build(ctx: AppContext, form: dict) -> dict:
             )
             with gr.Row():
                 form["fine_tuning_type"] = gr.Dropdown(
-                    FineTuningType.values(), value=v["fine_tuning_type"], label="Fine-tuning type", info=_info("fine_tuning_type")
+                    FineTuningType.values(),
+                    value=v["fine_tuning_type"],
+                    label="Fine-tuning type",
+                    info=_info("fine_tuning_type"),
                 )
                 form["quantization"] = gr.Dropdown(
                     Quantization.values(), value=v["quantization"], label="Quantization", info=_info("quantization")
                 )
-                form["peft_type"] = gr.Dropdown(PeftType.values(), value=v["peft_type"], label="PEFT type", info=_info("peft_type"))
+                form["peft_type"] = gr.Dropdown(
+                    PeftType.values(), value=v["peft_type"], label="PEFT type", info=_info("peft_type")
+                )
             form["hf_token"] = gr.Textbox(
-                label="Hugging Face token", type="password", value="", placeholder="hf_... (optional; never saved)",
+                label="Hugging Face token",
+                type="password",
+                value="",
+                placeholder="hf_... (optional; never saved)",
                 info=_info("hf_token"),
             )
-            form["trust_remote_code"] = gr.Checkbox(value=v["trust_remote_code"], label="Trust remote code", info=_info("trust_remote_code"))
+            form["trust_remote_code"] = gr.Checkbox(
+                value=v["trust_remote_code"], label="Trust remote code", info=_info("trust_remote_code")
+            )
             form["allow_pickle_weights"] = gr.Checkbox(
                 value=v["allow_pickle_weights"], label="Allow pickle weights", info=_info("allow_pickle_weights")
             )
-            parts_warning = gr.Markdown(code_safety_notice(v["trust_remote_code"], v["allow_pickle_weights"]), elem_id="code-warning")
+            parts_warning = gr.Markdown(
+                code_safety_notice(v["trust_remote_code"], v["allow_pickle_weights"]), elem_id="code-warning"
+            )
             gr.Markdown("### LoRA")
             with gr.Row():
                 form["lora_r"] = gr.Number(value=v["lora_r"], precision=0, label="LoRA r", info=_info("lora_r"))
-                form["lora_alpha"] = gr.Number(value=v["lora_alpha"], precision=0, label="LoRA alpha", info=_info("lora_alpha"))
-                form["lora_dropout"] = gr.Number(value=v["lora_dropout"], label="LoRA dropout", info=_info("lora_dropout"))
+                form["lora_alpha"] = gr.Number(
+                    value=v["lora_alpha"], precision=0, label="LoRA alpha", info=_info("lora_alpha")
+                )
+                form["lora_dropout"] = gr.Number(
+                    value=v["lora_dropout"], label="LoRA dropout", info=_info("lora_dropout")
+                )
             form["lora_target_modules"] = gr.Textbox(
-                value=", ".join(v["lora_target_modules"]), label="LoRA target modules", info=_info("lora_target_modules")
+                value=", ".join(v["lora_target_modules"]),
+                label="LoRA target modules",
+                info=_info("lora_target_modules"),
             )
         with gr.Column(scale=3):
             gr.Markdown("### Training")
             with gr.Row():
-                form["max_steps"] = gr.Number(value=v["max_steps"], precision=0, label="Max steps", info=_info("max_steps"))
-                form["num_train_epochs"] = gr.Number(value=v["num_train_epochs"], label="Epochs", info=_info("num_train_epochs"))
-                form["learning_rate"] = gr.Number(value=v["learning_rate"], label="Learning rate", info=_info("learning_rate"))
+                form["max_steps"] = gr.Number(
+                    value=v["max_steps"], precision=0, label="Max steps", info=_info("max_steps")
+                )
+                form["num_train_epochs"] = gr.Number(
+                    value=v["num_train_epochs"], label="Epochs", info=_info("num_train_epochs")
+                )
+                form["learning_rate"] = gr.Number(
+                    value=v["learning_rate"], label="Learning rate", info=_info("learning_rate")
+                )
             with gr.Row():
                 form["per_device_train_batch_size"] = gr.Number(
-                    value=v["per_device_train_batch_size"], precision=0, label="Batch size", info=_info("per_device_train_batch_size")
+                    value=v["per_device_train_batch_size"],
+                    precision=0,
+                    label="Batch size",
+                    info=_info("per_device_train_batch_size"),
                 )
                 form["gradient_accumulation_steps"] = gr.Number(
-                    value=v["gradient_accumulation_steps"], precision=0, label="Gradient accumulation",
+                    value=v["gradient_accumulation_steps"],
+                    precision=0,
+                    label="Gradient accumulation",
                     info=_info("gradient_accumulation_steps"),
                 )
-                form["max_seq_length"] = gr.Number(value=v["max_seq_length"], precision=0, label="Max sequence length", info=_info("max_seq_length"))
-            with gr.Row():
-                form["warmup_ratio"] = gr.Number(value=v["warmup_ratio"], label="Warm-up ratio", info=_info("warmup_ratio"))
-                form["lr_scheduler_type"] = gr.Dropdown(
-                    SchedulerType.values(), value=v["lr_scheduler_type"], label="LR schedule", info=_info("lr_scheduler_type")
+                form["max_seq_length"] = gr.Number(
+                    value=v["max_seq_length"], precision=0, label="Max sequence length", info=_info("max_seq_length")
                 )
-                form["precision"] = gr.Dropdown(Precision.values(), value=v["precision"], label="Precision", info=_info("precision"))
+            with gr.Row():
+                form["warmup_ratio"] = gr.Number(
+                    value=v["warmup_ratio"], label="Warm-up ratio", info=_info("warmup_ratio")
+                )
+                form["lr_scheduler_type"] = gr.Dropdown(
+                    SchedulerType.values(),
+                    value=v["lr_scheduler_type"],
+                    label="LR schedule",
+                    info=_info("lr_scheduler_type"),
+                )
+                form["precision"] = gr.Dropdown(
+                    Precision.values(), value=v["precision"], label="Precision", info=_info("precision")
+                )
             with gr.Row():
                 form["eval_split"] = gr.Number(value=v["eval_split"], label="Eval split", info=_info("eval_split"))
-                form["eval_steps"] = gr.Number(value=v["eval_steps"], precision=0, label="Eval every N steps", info=_info("eval_steps"))
-                form["logging_steps"] = gr.Number(value=v["logging_steps"], precision=0, label="Log every N steps", info=_info("logging_steps"))
+                form["eval_steps"] = gr.Number(
+                    value=v["eval_steps"], precision=0, label="Eval every N steps", info=_info("eval_steps")
+                )
+                form["logging_steps"] = gr.Number(
+                    value=v["logging_steps"], precision=0, label="Log every N steps", info=_info("logging_steps")
+                )
             with gr.Row():
-                form["save_steps"] = gr.Number(value=v["save_steps"], precision=0, label="Checkpoint every N steps", info=_info("save_steps"))
+                form["save_steps"] = gr.Number(
+                    value=v["save_steps"], precision=0, label="Checkpoint every N steps", info=_info("save_steps")
+                )
                 form["seed"] = gr.Number(value=v["seed"], precision=0, label="Seed", info=_info("seed"))
             with gr.Row():
                 form["early_stopping_patience"] = gr.Number(
-                    value=v["early_stopping_patience"], precision=0, label="Early stopping patience",
+                    value=v["early_stopping_patience"],
+                    precision=0,
+                    label="Early stopping patience",
                     info=_info("early_stopping_patience"),
                 )
                 form["load_best_model_at_end"] = gr.Checkbox(
-                    value=v["load_best_model_at_end"], label="Keep the best checkpoint", info=_info("load_best_model_at_end")
+                    value=v["load_best_model_at_end"],
+                    label="Keep the best checkpoint",
+                    info=_info("load_best_model_at_end"),
                 )
             with gr.Row():
                 form["packing"] = gr.Checkbox(value=v["packing"], label="Packing (padding-free)", info=_info("packing"))
                 form["gradient_checkpointing"] = gr.Checkbox(
-                    value=v["gradient_checkpointing"], label="Gradient checkpointing", info=_info("gradient_checkpointing")
+                    value=v["gradient_checkpointing"],
+                    label="Gradient checkpointing",
+                    info=_info("gradient_checkpointing"),
                 )
             with gr.Row():
                 form["distributed"] = gr.Dropdown(
@@ -132,21 +180,31 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["save_format"] = gr.CheckboxGroup(
                     SaveFormat.values(), value=v["save_format"], label="Export formats", info=_info("save_format")
                 )
-                form["gguf_type"] = gr.Dropdown(GgufType.values(), value=v["gguf_type"], label="GGUF type", info=_info("gguf_type"))
+                form["gguf_type"] = gr.Dropdown(
+                    GgufType.values(), value=v["gguf_type"], label="GGUF type", info=_info("gguf_type")
+                )
                 form["eval_save_format"] = gr.Radio(
-                    EvalSaveFormat.values(), value=v["eval_save_format"], label="Eval results file", info=_info("eval_save_format")
+                    EvalSaveFormat.values(),
+                    value=v["eval_save_format"],
+                    label="Eval results file",
+                    info=_info("eval_save_format"),
                 )
             with gr.Row():
                 form["eval_generations"] = gr.Number(
-                    value=v["eval_generations"], precision=0, label="Answers to generate (base vs tuned)",
+                    value=v["eval_generations"],
+                    precision=0,
+                    label="Answers to generate (base vs tuned)",
                     info=_info("eval_generations"),
                 )
                 form["eval_max_new_tokens"] = gr.Number(
-                    value=v["eval_max_new_tokens"], precision=0, label="Max new tokens per answer",
+                    value=v["eval_max_new_tokens"],
+                    precision=0,
+                    label="Max new tokens per answer",
                     info=_info("eval_max_new_tokens"),
                 )
             form["run_name"] = gr.Textbox(
-                label="Run name", placeholder="empty = <timestamp>-<type>",
+                label="Run name",
+                placeholder="empty = <timestamp>-<type>",
                 info=f"Folder under the output root ({ctx.output_root}) where the run is saved.",
             )
     parts: dict = {"code_warning": parts_warning}
@@ -205,7 +263,9 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
     for name in FORM_FIELDS:
         component = form[name]
         if hasattr(component, "change") and not isinstance(component, gr.State):
-            component.change(on_change, inputs=inputs, outputs=[parts["validation"], parts["cli"]], show_progress="hidden")
+            component.change(
+                on_change, inputs=inputs, outputs=[parts["validation"], parts["cli"]], show_progress="hidden"
+            )
 
     def on_save(*args):
         config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs)
@@ -240,5 +300,7 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
 
     for name in ("trust_remote_code", "allow_pickle_weights"):
         form[name].change(
-            on_code_options, inputs=[form["trust_remote_code"], form["allow_pickle_weights"]], outputs=parts["code_warning"]
+            on_code_options,
+            inputs=[form["trust_remote_code"], form["allow_pickle_weights"]],
+            outputs=parts["code_warning"],
         )

@@ -23,11 +23,17 @@ def build(ctx: AppContext, form: dict) -> dict:
     parts: dict = {}
     with gr.Row():
         with gr.Column(scale=2):
-            form["dataset_source"] = gr.Radio(DATASET_SOURCES, value=SOURCE_SAMPLE, label="Dataset", elem_id="dataset-source")
-            form["hub_dataset"] = gr.Textbox(label="Hub dataset id", placeholder="e.g. yahma/alpaca-cleaned", visible=False)
+            form["dataset_source"] = gr.Radio(
+                DATASET_SOURCES, value=SOURCE_SAMPLE, label="Dataset", elem_id="dataset-source"
+            )
+            form["hub_dataset"] = gr.Textbox(
+                label="Hub dataset id", placeholder="e.g. yahma/alpaca-cleaned", visible=False
+            )
             parts["upload_file"] = gr.File(
-                label="Upload .json / .jsonl / .csv / .parquet", file_types=[".json", ".jsonl", ".csv", ".parquet"],
-                type="filepath", visible=False,
+                label="Upload .json / .jsonl / .csv / .parquet",
+                file_types=[".json", ".jsonl", ".csv", ".parquet"],
+                type="filepath",
+                visible=False,
             )
             form["upload"] = gr.State(None)
             with gr.Row():
@@ -35,13 +41,17 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["dataset_split"] = gr.Textbox(value="train", label="Hub split", info=field_help("dataset_split"))
             with gr.Row():
                 form["max_samples"] = gr.Number(value=0, precision=0, label="Max rows", info=field_help("max_samples"))
-                form["skip_bad_rows"] = gr.Checkbox(value=False, label="Skip bad rows", info=field_help("skip_bad_rows"))
+                form["skip_bad_rows"] = gr.Checkbox(
+                    value=False, label="Skip bad rows", info=field_help("skip_bad_rows")
+                )
             form["system_prompt"] = gr.Textbox(label="System prompt", lines=2, info=field_help("system_prompt"))
             parts["preview_btn"] = gr.Button("Preview dataset", variant="primary", elem_id="preview-btn")
         with gr.Column(scale=3):
             parts["summary"] = gr.Markdown(elem_id="dataset-summary")
             parts["histogram"] = gr.Plot(label="Token lengths", elem_id="length-histogram")
-    parts["table"] = gr.Dataframe(label="Rows in the normalised schema (first 20)", wrap=True, max_height=360, elem_id="dataset-table")
+    parts["table"] = gr.Dataframe(
+        label="Rows in the normalised schema (first 20)", wrap=True, max_height=360, elem_id="dataset-table"
+    )
     parts["example"] = gr.HTML(elem_id="mask-example")
     return parts
 
@@ -85,7 +95,9 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
     def on_source(source):
         return gr.update(visible=source == SOURCE_HUB), gr.update(visible=source == SOURCE_UPLOAD)
 
-    form["dataset_source"].change(on_source, inputs=form["dataset_source"], outputs=[form["hub_dataset"], parts["upload_file"]])
+    form["dataset_source"].change(
+        on_source, inputs=form["dataset_source"], outputs=[form["hub_dataset"], parts["upload_file"]]
+    )
 
     def on_upload(path):
         return stage_upload(path, ctx.workspace)

@@ -20,8 +20,17 @@ def build(ctx: AppContext) -> dict:
         build_run_picker(ctx, parts, "eval-run")
         parts["generations"] = gr.Slider(0, 20, value=5, step=1, label="Generated answers to show", scale=2)
     parts["go"] = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
-    parts["metrics"] = gr.Dataframe(headers=["metric", "fine-tuned", "base"], label="Metrics: fine-tuned vs base model, same held-out rows", elem_id="eval-metrics")
-    parts["samples"] = gr.Dataframe(headers=["prompt", "reference", "prediction", "base_prediction"], label="Generated answers (fine-tuned and base) vs references", wrap=True, elem_id="eval-samples")
+    parts["metrics"] = gr.Dataframe(
+        headers=["metric", "fine-tuned", "base"],
+        label="Metrics: fine-tuned vs base model, same held-out rows",
+        elem_id="eval-metrics",
+    )
+    parts["samples"] = gr.Dataframe(
+        headers=["prompt", "reference", "prediction", "base_prediction"],
+        label="Generated answers (fine-tuned and base) vs references",
+        wrap=True,
+        elem_id="eval-samples",
+    )
     parts["file"] = gr.File(label="eval_results", interactive=False)
     return parts
 
@@ -53,4 +62,8 @@ def wire(ctx: AppContext, parts: dict) -> None:
         widths = [f"{100 // max(1, len(samples.columns))}%"] * len(samples.columns)
         return metrics, gr.update(value=samples, column_widths=widths), report["path"]
 
-    parts["go"].click(on_evaluate, inputs=[parts["run"], parts["generations"]], outputs=[parts["metrics"], parts["samples"], parts["file"]])
+    parts["go"].click(
+        on_evaluate,
+        inputs=[parts["run"], parts["generations"]],
+        outputs=[parts["metrics"], parts["samples"], parts["file"]],
+    )

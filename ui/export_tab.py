@@ -24,10 +24,15 @@ def build(ctx: AppContext) -> dict:
         build_run_picker(ctx, parts, "export-run")
     with gr.Row():
         parts["formats"] = gr.CheckboxGroup(
-            [f.value for f in SaveFormat], value=["torch"], label="Formats", elem_id="export-formats",
+            [f.value for f in SaveFormat],
+            value=["torch"],
+            label="Formats",
+            elem_id="export-formats",
             info="torch: merged safetensors; gguf: llama.cpp / Ollama; tensorflow: SavedModel + .keras",
         )
-        parts["gguf_type"] = gr.Dropdown(GgufType.values(), value="q8_0", label="GGUF type", info=field_help("gguf_type"))
+        parts["gguf_type"] = gr.Dropdown(
+            GgufType.values(), value="q8_0", label="GGUF type", info=field_help("gguf_type")
+        )
     parts["go"] = gr.Button("Export", variant="primary", elem_id="export-btn")
     parts["summary"] = gr.Markdown(elem_id="export-summary")
     parts["files"] = gr.Dataframe(headers=["file", "bytes"], label="Files", elem_id="export-files")
@@ -67,10 +72,14 @@ def wire(ctx: AppContext, parts: dict) -> None:
                 line += " (SavedModel reloaded with tf.saved_model.load)"
             lines.append(line)
         table = pd.DataFrame([{"file": str(p.relative_to(Path(run_dir))), "bytes": p.stat().st_size} for p in files])
-        downloads = [str(p) for p in files if p.suffix in (".gguf", ".safetensors", ".json", ".keras") or p.name == "Modelfile"]
+        downloads = [
+            str(p) for p in files if p.suffix in (".gguf", ".safetensors", ".json", ".keras") or p.name == "Modelfile"
+        ]
         shown = {k: v for k, v in exports.items() if k in formats}
         return "\n\n".join(lines), table, json.dumps(shown, indent=2, default=str), downloads
 
     parts["go"].click(
-        on_export, inputs=[parts["run"], parts["formats"], parts["gguf_type"]], outputs=[parts["summary"], parts["files"], parts["figures"], parts["downloads"]]
+        on_export,
+        inputs=[parts["run"], parts["formats"], parts["gguf_type"]],
+        outputs=[parts["summary"], parts["files"], parts["figures"], parts["downloads"]],
     )

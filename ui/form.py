@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from autotuning.config import Config, ConfigError, config_from_dict
 
@@ -124,7 +125,9 @@ def _dataset_path(source: str, hub_id: str, upload: str | None, allowed: list[Pa
         return ""
     if source == SOURCE_HUB:
         if not (hub_id or "").strip():
-            raise ConfigError("no Hub dataset id given", "field 'Hub dataset id'", "type an id such as yahma/alpaca-cleaned")
+            raise ConfigError(
+                "no Hub dataset id given", "field 'Hub dataset id'", "type an id such as yahma/alpaca-cleaned"
+            )
         hub_id = hub_id.strip()
         return _confined(hub_id, allowed, "Hub dataset id") if _looks_local(hub_id) else hub_id
     if source == SOURCE_UPLOAD:

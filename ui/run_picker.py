@@ -20,4 +20,6 @@ def build_run_picker(ctx: AppContext, parts: dict, elem_id: str, label: str = "R
     """Adds parts["run"] and parts["refresh"] in the caller's row, the refresh already wired."""
     parts["run"] = gr.Dropdown(ctx.run_choices(finished_only=True), label=label, elem_id=elem_id, scale=4)
     parts["refresh"] = gr.Button("Refresh", scale=1)
-    parts["refresh"].click(lambda current: finished_runs_update(ctx, current), inputs=parts["run"], outputs=parts["run"])
+    parts["refresh"].click(
+        lambda current: finished_runs_update(ctx, current), inputs=parts["run"], outputs=parts["run"]
+    )

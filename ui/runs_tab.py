@@ -26,7 +26,9 @@ def runs_table(ctx: AppContext) -> pd.DataFrame:
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
     parts["refresh"] = gr.Button("Refresh")
-    parts["table"] = gr.Dataframe(runs_table(ctx), label=f"Runs in {ctx.output_root}", interactive=False, elem_id="runs-table")
+    parts["table"] = gr.Dataframe(
+        runs_table(ctx), label=f"Runs in {ctx.output_root}", interactive=False, elem_id="runs-table"
+    )
     parts["pick"] = gr.Dropdown(ctx.run_choices(), label="Open a run", elem_id="runs-pick")
     parts["report"] = gr.HTML(elem_id="run-report")
     parts["loss"] = gr.Plot(label="Loss")

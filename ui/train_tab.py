@@ -41,7 +41,9 @@ def build(ctx: AppContext, form: dict) -> dict:
         parts["lr"] = gr.Plot(label="Learning rate", elem_id="lr-plot")
         parts["throughput"] = gr.Plot(label="Throughput", elem_id="throughput-plot")
     parts["checkpoints"] = gr.Markdown(elem_id="checkpoints")
-    parts["log"] = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log")
+    parts["log"] = gr.Textbox(
+        label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log"
+    )
     parts["timer"] = gr.Timer(1.0)
     parts["drawn"] = gr.State(-1)  # per session: how many events the charts already show
     return parts
@@ -51,11 +53,27 @@ def snapshot(ctx: AppContext) -> dict:
     """Everything the Train tab shows, as plain data (used by the tick and by tests)."""
     run = ctx.pipeline.current
     if run is None:
-        return {"status": "idle", "events": [], "progress": {}, "log": "", "checkpoints": [], "error": "", "run_dir": ""}
-    checkpoints = sorted(
-        (p.name for p in (run.run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-        key=lambda n: int(n.split("-")[1]),
-    ) if (run.run_dir / "checkpoints").is_dir() else []
+        return {
+            "status": "idle",
+            "events": [],
+            "progress": {},
+            "log": "",
+            "checkpoints": [],
+            "error": "",
+            "run_dir": "",
+        }
+    checkpoints = (
+        sorted(
+            (
+                p.name
+                for p in (run.run_dir / "checkpoints").glob("checkpoint-*")
+                if (p / "trainer_state.json").is_file()
+            ),
+            key=lambda n: int(n.split("-")[1]),
+        )
+        if (run.run_dir / "checkpoints").is_dir()
+        else []
+    )
     events = run.events(0)  # fetched once per tick: the charts and the progress bar share it
     return {
         "status": run.status.value,
@@ -142,7 +160,16 @@ def resume_latest(ctx: AppContext) -> str:
 
 def wire(ctx: AppContext, form: dict, parts: dict) -> None:
     inputs = [form[name] for name in FORM_FIELDS]
-    view = [parts["status"], parts["progress"], parts["loss"], parts["lr"], parts["throughput"], parts["checkpoints"], parts["log"], parts["drawn"]]
+    view = [
+        parts["status"],
+        parts["progress"],
+        parts["loss"],
+        parts["lr"],
+        parts["throughput"],
+        parts["checkpoints"],
+        parts["log"],
+        parts["drawn"],
+    ]
 
     def render(drawn: int, message: str = ""):
         snap = snapshot(ctx)
@@ -155,7 +182,14 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
             charts = [gr.skip(), gr.skip(), gr.skip()]
         else:
             charts = [loss_figure(events), lr_figure(events), throughput_figure(events)]
-        return [status, progress_html(snap["progress"]), *charts, f"**Checkpoints:** {checkpoints}", snap["log"], len(events)]
+        return [
+            status,
+            progress_html(snap["progress"]),
+            *charts,
+            f"**Checkpoints:** {checkpoints}",
+            snap["log"],
+            len(events),
+        ]
 
     def on_start(drawn, *args):
         try:

@@ -122,7 +122,12 @@ def encode_rows(tokenizer, rows: list[dict], max_seq_length: int, name: str):
             max_seq_length,
         )
     if stats.truncated:
-        log.info("%s: %d rows had the end of their answer truncated to max_seq_length=%d", name, stats.truncated, max_seq_length)
+        log.info(
+            "%s: %d rows had the end of their answer truncated to max_seq_length=%d",
+            name,
+            stats.truncated,
+            max_seq_length,
+        )
     dataset = datasets.Dataset.from_list(kept) if kept else None
     summary["lengths"] = stats.lengths
     return dataset, summary

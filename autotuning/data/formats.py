@@ -211,7 +211,9 @@ def _split_last_answer(turns: list[dict], column: str) -> dict:
 
 
 def _convert_messages(row: dict, kind: FineTuningType) -> dict:
-    return _split_last_answer(_normalise_turns(row.get("messages"), "messages", "role", "content", _OPENAI_ROLES), "messages")
+    return _split_last_answer(
+        _normalise_turns(row.get("messages"), "messages", "role", "content", _OPENAI_ROLES), "messages"
+    )
 
 
 def _convert_sharegpt(row: dict, kind: FineTuningType) -> dict:
@@ -280,7 +282,9 @@ class Format:
     any_of: tuple[tuple[str, ...], ...] = ()  # for each tuple, at least one column must exist
 
     def matches(self, columns: set[str]) -> bool:
-        return all(c in columns for c in self.required) and all(any(c in columns for c in group) for group in self.any_of)
+        return all(c in columns for c in self.required) and all(
+            any(c in columns for c in group) for group in self.any_of
+        )
 
     def expected(self) -> str:
         cols = list(self.required) + ["/".join(group) for group in self.any_of]
@@ -301,9 +305,7 @@ FORMATS: list[Format] = [
     ),
     Format("alpaca", "Alpaca: instruction, input (optional), output", ("instruction", "output"), _convert_alpaca),
     Format("prompt_completion", "prompt, completion", ("prompt", "completion"), _convert_prompt_completion),
-    Format(
-        "question_answer", "glaive-style question, answer", ("question", "answer"), _convert_prompt_completion
-    ),
+    Format("question_answer", "glaive-style question, answer", ("question", "answer"), _convert_prompt_completion),
 ]
 _BY_NAME = {f.name: f for f in FORMATS}
 

@@ -241,9 +241,7 @@ def _is_connection_problem(exc: BaseException) -> bool:
     return any(m in text for m in markers)
 
 
-def _load_hub(
-    dataset_id: str, config_name: str, split: str, token: str | None, max_samples: int = 0
-) -> RawData:
+def _load_hub(dataset_id: str, config_name: str, split: str, token: str | None, max_samples: int = 0) -> RawData:
     import datasets
 
     # A slice keeps huge datasets (ms_marco has ~800k rows) from being materialised in full when
@@ -337,7 +335,8 @@ def load_rows(
         return _check_row_sizes(_load_local(path))
     if path.suffix.lower() in SUPPORTED_SUFFIXES or not _looks_like_hub_id(dataset_path):
         raise DataError(
-            "dataset file not found", f"field 'dataset_path' = {dataset_path}", "check the path (relative paths "
-            f"start from {Path.cwd()})"
+            "dataset file not found",
+            f"field 'dataset_path' = {dataset_path}",
+            f"check the path (relative paths start from {Path.cwd()})",
         )
     return _load_hub(dataset_path, dataset_config, dataset_split, token, max_samples)

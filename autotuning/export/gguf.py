@@ -256,7 +256,9 @@ def write_gguf(merged_dir: Path, out_path: Path, gtype: str = "f32", name: str =
         new_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ExportError(
-                f"no GGUF name for tensor '{hf_name}'", str(merged_dir), "this model variant is not supported for GGUF yet"
+                f"no GGUF name for tensor '{hf_name}'",
+                str(merged_dir),
+                "this model variant is not supported for GGUF yet",
             )
         array, raw_dtype = _encode(data, new_name, gtype)
         if raw_dtype is None:
@@ -268,8 +270,13 @@ def write_gguf(merged_dir: Path, out_path: Path, gtype: str = "f32", name: str =
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensors": written, "architecture": arch.gguf_name, "pre_tokenizer": _pre_tokenizer_name(
-        json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8")), cfg.model_type)}
+    return {
+        "tensors": written,
+        "architecture": arch.gguf_name,
+        "pre_tokenizer": _pre_tokenizer_name(
+            json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8")), cfg.model_type
+        ),
+    }
 
 
 def _k_quantize(src: Path, dst: Path, gtype: str) -> None:
@@ -319,7 +326,9 @@ def _log_fallbacks(path: Path, gtype: str) -> dict[str, int]:
 
 
 def _greedy(model, ids: torch.Tensor, steps: int = 32) -> list[int]:
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, min_new_tokens=steps
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -336,7 +345,9 @@ def verify_gguf(gguf_path: Path, merged_dir: Path, gtype: str, tokenizer) -> dic
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **extra
     ).eval()
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Give me one tip for learning to cook."}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "Give me one tip for learning to cook."}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     diff = float((reference(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs().max())
@@ -415,7 +426,9 @@ def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[
     if tokenizer is not None:
         # llama.cpp splits text with the pre-tokenizer named in the file: the ids must match the HF tokenizer's.
         cpp_ids = llm.tokenize(CHECK_TEXT.encode("utf-8"), add_bos=False, special=True)
-        result["llama_cpp_tokenizer_ids_match"] = cpp_ids == tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
+        result["llama_cpp_tokenizer_ids_match"] = (
+            cpp_ids == tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
+        )
     return result
 
 
@@ -452,7 +465,9 @@ def export_gguf(run, tokenizer, gtype: str = "f32") -> dict[str, Any]:
         raise ConfigError(f"unknown GGUF type '{gtype}'", "field 'gguf_type'", f"use one of: {', '.join(GGUF_TYPES)}")
     merged = run.merged
     if not (merged / "config.json").is_file():
-        raise ExportError("GGUF export starts from the merged torch export, which is missing", str(merged), "export torch first")
+        raise ExportError(
+            "GGUF export starts from the merged torch export, which is missing", str(merged), "export torch first"
+        )
     final_dir = run.path / "gguf"
     tmp_dir = run.path / ".gguf.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -476,4 +491,10 @@ def export_gguf(run, tokenizer, gtype: str = "f32") -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     path = final_dir / name
-    return {"path": str(path), "bytes": path.stat().st_size, "modelfile": str(final_dir / "Modelfile"), **info, **figures}
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "modelfile": str(final_dir / "Modelfile"),
+        **info,
+        **figures,
+    }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,9 @@ def _import_keras_hub():
     backend = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if backend != "tensorflow":
         raise ExportError(
-            f"KERAS_BACKEND is '{backend}'", "environment", "unset it or set KERAS_BACKEND=tensorflow for TensorFlow export"
+            f"KERAS_BACKEND is '{backend}'",
+            "environment",
+            "unset it or set KERAS_BACKEND=tensorflow for TensorFlow export",
         )
     try:
         import keras_hub

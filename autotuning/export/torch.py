@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,7 +92,9 @@ def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=No
 
                 checkpoint = last_checkpoint(run.checkpoints)
                 if checkpoint is None:
-                    raise ExportError("the run has no checkpoint to export", str(run.checkpoints), "train the run first")
+                    raise ExportError(
+                        "the run has no checkpoint to export", str(run.checkpoints), "train the run first"
+                    )
                 trained_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
                 reference_kind = f"checkpoint {checkpoint.name}"
             reference_logits = logits_on(trained_model, ids)
@@ -118,7 +119,9 @@ def export_torch(run, tokenizer, base_path: str, is_peft: bool, trained_model=No
             log.warning("AutoTokenizer could not reload the exported tokenizer: %s", exc)
             tokenizer_match = False
         if not tokenizer_match:
-            log.warning("AutoTokenizer on %s encodes the check prompt differently from the training tokenizer", run.merged)
+            log.warning(
+                "AutoTokenizer on %s encodes the check prompt differently from the training tokenizer", run.merged
+            )
         shutil.rmtree(run.merged, ignore_errors=True)
         tmp.replace(run.merged)
     except BaseException:

@@ -136,8 +136,8 @@ def use_model_loss(config: Config, vocab_size: int, precision: str) -> bool:
 
 def _trainer_class(model_loss: bool):
     from peft.helpers import disable_input_dtype_casting
-    from trl import SFTTrainer
     from transformers import Trainer
+    from trl import SFTTrainer
 
     class AutotuningSFTTrainer(SFTTrainer):
         """SFTTrainer with two speed-ups that change no result.

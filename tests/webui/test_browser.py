@@ -91,7 +91,9 @@ def test_main_path(page, shots, app_url):
     _wait(lambda: "browser-main" in page.locator("#export-run input").input_value(), 20, "the run to be selected")
     page.locator("#export-formats").get_by_label("gguf").check()
     page.click("#export-btn")
-    _wait(lambda: page.inner_text("#export-summary").count("verified") >= 2, 120, "torch and gguf exports to be verified")
+    _wait(
+        lambda: page.inner_text("#export-summary").count("verified") >= 2, 120, "torch and gguf exports to be verified"
+    )
     files = page.inner_text("#export-files")
     assert "model.safetensors" in files and "model-q8_0.gguf" in files and "Modelfile" in files
     page.screenshot(path=str(shots / "export.png"), full_page=True)

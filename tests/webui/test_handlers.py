@@ -46,7 +46,8 @@ def test_form_round_trips_the_initial_config(ctx):
 
 def test_form_types_and_run_name(ctx):
     config = form_to_config(
-        _form(lora_target_modules="q_proj, v_proj", max_steps=7.0, run_name="exp-1", save_format=["torch"]), ctx.output_root
+        _form(lora_target_modules="q_proj, v_proj", max_steps=7.0, run_name="exp-1", save_format=["torch"]),
+        ctx.output_root,
     )
     assert config.peft.lora_target_modules == ["q_proj", "v_proj"]
     assert config.training.max_steps == 7
@@ -70,10 +71,15 @@ def test_validation_messages_name_the_problem(ctx, changes, needle):
 
 
 def test_yaml_round_trip_through_the_form(ctx, tmp_path):
-    config = form_to_config(_form(learning_rate=3e-4, fine_tuning_type="chat_fine_tuning", run_name="r"), ctx.output_root)
+    config = form_to_config(
+        _form(learning_rate=3e-4, fine_tuning_type="chat_fine_tuning", run_name="r"), ctx.output_root
+    )
     path = tmp_path / "c.yaml"
     config.save_yaml(path)
-    again = form_to_config({k: v for k, v in config_to_form(load_config(path)).items() if k in FORM_FIELDS} | {"upload": None}, ctx.output_root)
+    again = form_to_config(
+        {k: v for k, v in config_to_form(load_config(path)).items() if k in FORM_FIELDS} | {"upload": None},
+        ctx.output_root,
+    )
     assert again == config
 
 
@@ -142,7 +148,11 @@ def test_start_stop_resume_through_the_facade(ctx):
 
 
 def test_failed_start_reports_the_error_without_a_traceback(ctx):
-    run = ctx.pipeline.start(load_config(None, ["model_name=nobody/nothing-here", "dataset_path=sample", f"output_dir={ctx.output_root / 'bad'}"]))
+    run = ctx.pipeline.start(
+        load_config(
+            None, ["model_name=nobody/nothing-here", "dataset_path=sample", f"output_dir={ctx.output_root / 'bad'}"]
+        )
+    )
     _wait(run, {"failed"}, timeout=60)
     assert "nobody/nothing-here" in run.error and "Traceback" not in run.error
     assert run.status is RunStatus.FAILED
@@ -188,15 +198,24 @@ def test_paths_typed_in_the_app_stay_inside_its_folders(ctx, tmp_path):
     outside.mkdir()
     (outside / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     # A typed local path outside the output root and --data-dir folders is refused, whatever the source widget.
-    for form in (_form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")),
-                 _form(dataset_source=SOURCE_HUB, hub_dataset="/etc"),
-                 _form(dataset_source=SOURCE_UPLOAD, upload=str(outside / "data.jsonl"))):
+    for form in (
+        _form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")),
+        _form(dataset_source=SOURCE_HUB, hub_dataset="/etc"),
+        _form(dataset_source=SOURCE_UPLOAD, upload=str(outside / "data.jsonl")),
+    ):
         with pytest.raises(ConfigError, match="--data-dir"):
             form_to_config(form, ctx.output_root, ctx.data_dirs)
     # Allowed with --data-dir; a Hub id is never mistaken for a path.
-    config = form_to_config(_form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")), ctx.output_root, [outside])
+    config = form_to_config(
+        _form(dataset_source=SOURCE_HUB, hub_dataset=str(outside / "data.jsonl")), ctx.output_root, [outside]
+    )
     assert config.data.dataset_path == str((outside / "data.jsonl").resolve())
-    assert form_to_config(_form(dataset_source=SOURCE_HUB, hub_dataset="yahma/alpaca-cleaned"), ctx.output_root).data.dataset_path == "yahma/alpaca-cleaned"
+    assert (
+        form_to_config(
+            _form(dataset_source=SOURCE_HUB, hub_dataset="yahma/alpaca-cleaned"), ctx.output_root
+        ).data.dataset_path
+        == "yahma/alpaca-cleaned"
+    )
     # Run names cannot climb out or follow a link out of the output root.
     for name in ("../escape", "/abs/path", "a/b"):
         with pytest.raises(ConfigError, match="run name"):
@@ -213,7 +232,9 @@ def test_uploads_are_staged_inside_the_workspace(ctx, tmp_path):
     src.write_text('{"instruction": "a", "output": "b"}\n')
     staged = Path(stage_upload(str(src), ctx.workspace))
     assert staged.parent == ctx.workspace / "uploads" and staged.name == "my_data__1_.jsonl"
-    assert form_to_config(_form(dataset_source=SOURCE_UPLOAD, upload=str(staged)), ctx.output_root).data.dataset_path == str(staged)
+    assert form_to_config(
+        _form(dataset_source=SOURCE_UPLOAD, upload=str(staged)), ctx.output_root
+    ).data.dataset_path == str(staged)
 
 
 def test_options_that_run_code_show_a_warning():

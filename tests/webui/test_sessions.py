@@ -36,7 +36,9 @@ def test_second_session_start_is_refused_and_the_first_run_is_untouched(app):
     deadline = time.monotonic() + 60
     while _status(root, "first").get("status") != "running" and time.monotonic() < deadline:
         time.sleep(0.2)
-    steps_before = sum(1 for _ in (root / "first" / "metrics.jsonl").open()) if (root / "first" / "metrics.jsonl").exists() else 0
+    steps_before = (
+        sum(1 for _ in (root / "first" / "metrics.jsonl").open()) if (root / "first" / "metrics.jsonl").exists() else 0
+    )
 
     refused = second.predict(*_start_args(run_name="second", max_steps=5), api_name="/on_start")
     assert "Not started" in refused[0] and "already running" in refused[0]
@@ -72,9 +74,9 @@ def test_auth_refuses_unauthenticated_requests(launch_app):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url + path, timeout=10)
         assert err.value.code == 401
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         gradio_client.Client(url, verbose=False)  # no login, no API
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="Could not login"):
         gradio_client.Client(url, auth=("alice", "wrong"), verbose=False)
     client = gradio_client.Client(url, auth=("alice", "wonderland"), verbose=False)
     assert "/on_start" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
