@@ -207,3 +207,63 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(DataError) as err:
         load_rows(FineTuningType.INSTRUCTION, "someone/dataset")
     assert "someone/dataset" in str(err.value) and "dataset_path" in str(err.value)
+
+
+def _prepare(path, model, **extra):
+    from autotuning.data import prepare_data
+    from autotuning.modeling import load_tokenizer
+
+    sets = [f"dataset_path={path}", "eval_split=0.1"] + [f"{k}={v}" for k, v in extra.items()]
+    config = load_config(None, sets)
+    config.model.model_name = str(model)
+    return prepare_data(config, load_tokenizer(config))
+
+
+def test_tokenised_data_is_cached_and_reused_only_for_the_same_inputs(jsonl, monkeypatch, tmp_path):
+    import autotuning.data as data
+    from autotuning.modeling import resolve_model_path
+
+    model = resolve_model_path("builtin:tiny-llama")  # built in the session's cache, before moving the cache
+    monkeypatch.setenv("AUTOTUNING_CACHE", str(tmp_path / "cache"))
+    path = jsonl([{"instruction": f"Say {i}", "output": f"{i} " * (i % 7 + 1)} for i in range(40)])
+    calls = []
+    real = data.encode_examples
+    monkeypatch.setattr(data, "encode_examples", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    first = _prepare(path, model)
+    assert len(calls) == 2  # train and eval tokenised
+    again = _prepare(path, model)
+    assert len(calls) == 2  # read back, not tokenised
+    assert again.train["input_ids"] == first.train["input_ids"]
+    assert again.train["completion_mask"] == first.train["completion_mask"]
+    assert again.eval["input_ids"] == first.eval["input_ids"]
+    assert again.stats == first.stats and again.lengths == first.lengths
+
+    _prepare(path, model, max_seq_length=64)  # another setting: tokenised again
+    assert len(calls) == 4
+    path.write_text(path.read_text().replace("Say 3", "Say three"))  # other rows: tokenised again
+    _prepare(path, model)
+    assert len(calls) == 6
+
+    # A damaged entry is not trusted: the data is tokenised again, and the same result comes out.
+    for meta in (tmp_path / "cache" / "data").glob("*/meta.json"):
+        meta.write_text("{")
+    path.write_text(path.read_text().replace("Say three", "Say 3"))
+    redo = _prepare(path, model)
+    assert len(calls) == 8
+    assert redo.train["input_ids"] == first.train["input_ids"]
+
+
+def test_batched_encoding_matches_row_by_row(jsonl):
+    from autotuning.data import encode_example, encode_examples
+    from autotuning.modeling import load_tokenizer
+
+    config = load_config(None, ["max_seq_length=48"])
+    tokenizer = load_tokenizer(config)
+    _, rows, _ = _normalise(jsonl([{"instruction": "Q" * (i * 7), "output": "A " * (i * 5)} for i in range(1, 12)]))
+    batched = encode_examples(tokenizer, rows, 48, chunk=4)
+    assert [(e.input_ids, e.completion_mask, e.truncated, e.answer_lost) for e in batched] == [
+        (e.input_ids, e.completion_mask, e.truncated, e.answer_lost)
+        for e in (encode_example(tokenizer, r, 48) for r in rows)
+    ]
+    assert any(e.truncated for e in batched) and any(e.answer_lost for e in batched)

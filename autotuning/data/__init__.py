@@ -14,11 +14,12 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import DataError
-from .encoding import EncodedExample, EncodingStats, encode_example, render_prompt
+from .encoding import EncodedExample, EncodingStats, encode_example, encode_examples, render_prompt
 from .formats import ACCEPTED_FORMATS, FORMATS, Format, RowError, detect_format, normalise_row
 from .loading import BUILTIN_HUB_DATASETS, SAMPLE_FILES, RawData, load_rows, sample_path
 
@@ -32,6 +33,7 @@ __all__ = [
     "encode_rows",
     "load_rows",
     "encode_example",
+    "encode_examples",
     "render_prompt",
     "detect_format",
     "sample_path",
@@ -106,31 +108,116 @@ def encode_rows(tokenizer, rows: list[dict], max_seq_length: int, name: str):
 
     stats = EncodingStats()
     kept: list[dict] = []
-    for row in rows:
-        enc = encode_example(tokenizer, row, max_seq_length)
+    for enc in encode_examples(tokenizer, rows, max_seq_length):
         stats.add(enc)
         if not enc.answer_lost:
             kept.append(enc.as_row())
     summary = stats.summary()
-    if stats.answer_lost:
+    _log_encoding(name, summary, max_seq_length)
+    dataset = datasets.Dataset.from_dict(_columns(kept)) if kept else None
+    summary["lengths"] = stats.lengths
+    return dataset, summary
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {"input_ids": [r["input_ids"] for r in rows], "completion_mask": [r["completion_mask"] for r in rows]}
+
+
+def _log_encoding(name: str, summary: dict, max_seq_length: int) -> None:
+    if summary["answer_lost_rows"]:
         log.warning(
             "%s: %d of %d rows dropped because their prompt alone fills max_seq_length=%d (no answer left to "
             "train on); raise max_seq_length to keep them",
             name,
-            stats.answer_lost,
-            stats.rows,
+            summary["answer_lost_rows"],
+            summary["rows"],
             max_seq_length,
         )
-    if stats.truncated:
+    if summary["truncated_rows"]:
         log.info(
             "%s: %d rows had the end of their answer truncated to max_seq_length=%d",
             name,
-            stats.truncated,
+            summary["truncated_rows"],
             max_seq_length,
         )
-    dataset = datasets.Dataset.from_list(kept) if kept else None
-    summary["lengths"] = stats.lengths
-    return dataset, summary
+
+
+# Bump when encoding changes what it produces: older cache entries are then never read.
+_ENCODING_VERSION = 1
+_CACHE_ENTRIES = 8  # tokenised datasets kept; the least recently used go first
+
+
+def _tokenizer_identity(tokenizer) -> str | None:
+    """A hash of everything that decides token ids: vocabulary, merges, normaliser, template, EOS."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None  # a slow (Python) tokenizer: no stable serialisation to hash, so no cache
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.eos_token_id], default=str).encode())
+    return h.hexdigest()
+
+
+def _cache_dir(rows_fingerprint: str, tokenizer, config: Config):
+    from ..modeling import cache_root
+
+    identity = _tokenizer_identity(tokenizer)
+    if identity is None:
+        return None
+    d = config.data
+    key = json.dumps(
+        [
+            _ENCODING_VERSION,
+            rows_fingerprint,
+            identity,
+            d.max_seq_length,
+            d.eval_split,
+            d.max_samples,
+            config.training.seed,
+        ]
+    )
+    return cache_root() / "data" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _load_cached(path):
+    """(train, eval, train_stats, eval_stats) from a cache entry, or None when there is none (or it is unreadable)."""
+    import datasets
+
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        train = datasets.load_from_disk(str(path / "train"))
+        evaluation = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+        path.touch()  # recently used
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        if path.exists():
+            log.info("tokenised-data cache entry %s unreadable (%s): tokenising again", path, exc)
+        return None
+    return train, evaluation, meta["train"], meta["eval"]
+
+
+def _store_cached(path, train, evaluation, train_stats, eval_stats) -> None:
+    """Write the entry to a temporary folder, then rename: a reader never sees half an entry. Best effort."""
+    import shutil
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent))
+        train.save_to_disk(str(tmp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(tmp / "eval"))
+        (tmp / "meta.json").write_text(json.dumps({"train": train_stats, "eval": eval_stats}), encoding="utf-8")
+        try:
+            tmp.rename(path)
+        except OSError:  # another process stored the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+        entries = sorted(
+            (p for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for old in entries[:-_CACHE_ENTRIES]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:  # a full or read-only cache must not stop a run
+        log.info("tokenised data not cached (%s)", exc)
 
 
 def _fingerprint(rows: list[dict]) -> str:
@@ -152,16 +239,29 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     )
     fmt, rows, skipped = normalise_rows(raw, config)
     train_rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed, d.max_samples)
-    train, train_stats = encode_rows(tokenizer, train_rows, d.max_seq_length, "train")
+    fingerprint = _fingerprint(rows)
+    # Tokenising is the slow part of preparing data: a second run (or the evaluation after training, or Start
+    # after the Dataset tab's preview) on the same rows, tokenizer and settings reads it back from the cache.
+    cache = _cache_dir(fingerprint, tokenizer, config)
+    cached = _load_cached(cache) if cache is not None else None
+    if cached is not None:
+        train, evaluation, train_stats, eval_stats = cached
+        _log_encoding("train", train_stats, d.max_seq_length)
+        if eval_stats:
+            _log_encoding("eval", eval_stats, d.max_seq_length)
+    else:
+        train, train_stats = encode_rows(tokenizer, train_rows, d.max_seq_length, "train")
+        evaluation, eval_stats = (None, None)
+        if eval_rows and train is not None:
+            evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval")
+        if cache is not None and train is not None:
+            _store_cached(cache, train, evaluation, train_stats, eval_stats)
     if train is None:
         raise DataError(
             f"no training row fits max_seq_length={d.max_seq_length} with any of its answer",
             f"field 'max_seq_length' ({raw.source})",
             "raise max_seq_length",
         )
-    evaluation, eval_stats = (None, None)
-    if eval_rows:
-        evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval")
     lengths = train_stats.pop("lengths") + (eval_stats.pop("lengths") if eval_stats else [])
     stats = {
         "source": raw.source,
@@ -180,7 +280,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         eval=evaluation,
         stats=stats,
         notes=list(raw.notes),
-        fingerprint=_fingerprint(rows),
+        fingerprint=fingerprint,
         lengths=lengths,
     )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EncodedExample", "EncodingStats", "encode_example", "render_prompt"]
+__all__ = ["EncodedExample", "EncodingStats", "encode_example", "encode_examples", "render_prompt"]
 
 
 @dataclass
@@ -72,29 +72,47 @@ def render_prompt(tokenizer, prompt: list[dict]) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    # Special tokens come from the template text itself; the tokenizer must not add BOS/EOS again.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_example(tokenizer, example: dict, max_seq_length: int) -> EncodedExample:
-    prompt_text = render_prompt(tokenizer, example["prompt"])
-    full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-    eos_id = tokenizer.eos_token_id
-    if full_text.startswith(prompt_text):
+    return encode_examples(tokenizer, [example], max_seq_length)[0]
+
+
+def encode_examples(tokenizer, examples: list[dict], max_seq_length: int, chunk: int = 1024) -> list[EncodedExample]:
+    """:func:`encode_example` for many rows: templates rendered per row, token ids in batched tokenizer calls.
+
+    The tokenizer runs once per ``chunk`` texts instead of twice per row (its Rust core batches them, in
+    parallel threads unless ``TOKENIZERS_PARALLELISM=false``); the chat template stays per row (Jinja).
+    """
+    out: list[EncodedExample] = []
+    for begin in range(0, len(examples), chunk):
+        part = examples[begin : begin + chunk]
+        prompts = [render_prompt(tokenizer, ex["prompt"]) for ex in part]
+        fulls = [tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False) for ex in part]
+        split = [full.startswith(prompt) for prompt, full in zip(prompts, fulls)]
         # Tokenise the two parts separately: the boundary is exactly where generation starts at inference.
-        prompt_ids = _ids(tokenizer, prompt_text)
-        answer_ids = _ids(tokenizer, full_text[len(prompt_text) :])
-    else:
-        # Templates that render the prompt differently alone (rare): use the longest common token prefix.
-        prompt_ids = _ids(tokenizer, prompt_text)
-        full_ids = _ids(tokenizer, full_text)
-        common = 0
-        for a, b in zip(prompt_ids, full_ids):
-            if a != b:
-                break
-            common += 1
-        prompt_ids, answer_ids = full_ids[:common], full_ids[common:]
+        texts = prompts + [full[len(prompt) :] if ok else full for prompt, full, ok in zip(prompts, fulls, split)]
+        ids = _batch_ids(tokenizer, texts)
+        for i in range(len(part)):
+            prompt_ids, second = ids[i], ids[len(part) + i]
+            if split[i]:
+                answer_ids = second
+            else:
+                # Templates that render the prompt differently alone (rare): use the longest common token prefix.
+                common = 0
+                for a, b in zip(prompt_ids, second):
+                    if a != b:
+                        break
+                    common += 1
+                prompt_ids, answer_ids = second[:common], second[common:]
+            out.append(_assemble(prompt_ids, answer_ids, tokenizer.eos_token_id, max_seq_length))
+    return out
+
+
+def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    # Special tokens come from the template text itself; the tokenizer must not add BOS/EOS again.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _assemble(prompt_ids: list[int], answer_ids: list[int], eos_id: int | None, max_seq_length: int) -> EncodedExample:
     if eos_id is not None:
         if eos_id in answer_ids:
             answer_ids = answer_ids[: answer_ids.index(eos_id) + 1]  # nothing after the EOS is trained
