@@ -97,40 +97,93 @@ def _permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndar
     )
 
 
-def _tensors(model, arch: _Arch, cfg) -> list[tuple[str, np.ndarray]]:
-    """(HF name, fp32 array) in llama.cpp's layout, before renaming."""
-    out = []
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    for name, data in state.items():
-        if arch.family == "gpt2":
-            if name.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # causal-mask buffers, not weights
-            if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-                data = data.T  # Conv1D stores (in, out)
-        if name == "lm_head.weight" and tied:
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        if arch.permute_qk and name.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif arch.permute_qk and name.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        out.append((name, np.ascontiguousarray(data)))
-    return out
+def _checkpoint_tensors(merged_dir: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Every tensor name of the saved model -> (the safetensors file that holds it, its shape); no data read."""
+    from safetensors import safe_open
+
+    files = sorted(merged_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(
+            "the merged export has no .safetensors weights", str(merged_dir), "export torch again (safetensors)"
+        )
+    where: dict[str, tuple[Path, list[int]]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
+                where[name] = (file, list(f.get_slice(name).get_shape()))
+    return where
+
+
+def _dropped(name: str, arch: _Arch, cfg) -> bool:
+    """Tensors llama.cpp has no use for: GPT-2's causal-mask buffers, an LM head tied to the embeddings."""
+    if arch.family == "gpt2" and name.endswith((".attn.bias", ".attn.masked_bias")):
+        return True
+    return name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False)
+
+
+def _transposed(name: str, arch: _Arch) -> bool:
+    return arch.family == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
+
+
+def _convert(name: str, data: np.ndarray, arch: _Arch, cfg) -> np.ndarray:
+    """One tensor in llama.cpp's layout (fp32)."""
+    if _transposed(name, arch):
+        data = data.T  # Conv1D stores (in, out)
+    if arch.permute_qk and name.endswith("self_attn.q_proj.weight"):
+        data = _permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
+    elif arch.permute_qk and name.endswith("self_attn.k_proj.weight"):
+        data = _permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+    return np.ascontiguousarray(data)
+
+
+def _read(file: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name).float().numpy()
+
+
+def _storage(shape, name: str, gtype: str):
+    """How one tensor is stored: "f32", "f16" or a gguf quantization type. Norms, biases and 1-D tensors stay
+    f32, like llama.cpp; q8_0 needs rows in blocks of 32 values, else the tensor is kept as f16."""
+    import gguf
+
+    if len(shape) < 2 or gtype == "f32" or name.endswith(".bias") or "norm" in name:
+        return "f32"
+    if gtype == "f16":
+        return "f16"
+    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gtype]
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+        return "f16"
+    return qtype
 
 
 def _encode(data: np.ndarray, name: str, gtype: str):
-    """(array to write, raw dtype or None). Norms, biases and 1-D tensors stay f32, like llama.cpp."""
+    """(array to write, raw dtype or None)."""
     import gguf
 
-    if data.ndim < 2 or gtype == "f32" or name.endswith((".bias", "_norm.weight")) or "norm" in name:
+    kind = _storage(data.shape, name, gtype)
+    if kind == "f32":
         return data.astype(np.float32), None
-    if gtype == "f16":
+    if kind == "f16":
         return data.astype(np.float16), None
-    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gtype]
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-        log.info("gguf: %s has rows of %d values (not a multiple of 32): kept as f16", name, data.shape[-1])
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+    return gguf.quants.quantize(data.astype(np.float32), kind), kind
+
+
+def _encoded_info(shape, name: str, gtype: str):
+    """(shape, dtype, bytes, raw dtype) that :func:`_encode` will produce, without the data."""
+    import gguf
+
+    kind = _storage(shape, name, gtype)
+    count = int(np.prod(shape))
+    if kind == "f32":
+        return tuple(shape), np.dtype(np.float32), 4 * count, None
+    if kind == "f16":
+        if gtype == "q8_0":
+            log.info("gguf: %s has rows of %d values (not a multiple of 32): kept as f16", name, shape[-1])
+        return tuple(shape), np.dtype(np.float16), 2 * count, None
+    byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(tuple(shape), kind))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -232,27 +285,26 @@ def _add_hparams(writer, arch: _Arch, cfg, n_vocab: int, gtype: str) -> None:
 
 
 def write_gguf(merged_dir: Path, out_path: Path, gtype: str = "f32", name: str = "") -> dict[str, Any]:
-    """Write ``merged_dir`` (a saved HF model + tokenizer) as GGUF of type f32/f16/bf16/q8_0."""
+    """Write ``merged_dir`` (a saved HF model + tokenizer) as GGUF of type f32/f16/bf16/q8_0.
+
+    Tensors stream from the safetensors files to the GGUF file one at a time: the header (every tensor's
+    shape, type and size) is computed from the checkpoint's shapes alone, then each tensor is read,
+    converted, quantized and written before the next is read. Peak memory is about one tensor in fp32.
+    """
     import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     cfg = AutoConfig.from_pretrained(merged_dir)
     arch = check_gguf_supported(cfg.model_type)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     except Exception:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(merged_dir)
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], model.config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(out_path), arch.gguf_name)
-    # general.name is free text, but transformers' reader treats a name equal to "mistral" as a
-    # different architecture: a suffix keeps any run name from colliding with that.
-    writer.add_name(f"{name or merged_dir.name} (autotuning)")
-    _add_hparams(writer, arch, cfg, n_vocab, gtype)
-    _add_tokenizer(writer, tokenizer, merged_dir, n_vocab, cfg.model_type)
-    written = 0
-    for hf_name, data in _tensors(model, arch, cfg):
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], cfg.num_hidden_layers)
+    plan: list[tuple[str, str, Path, list[int]]] = []  # (HF name, GGUF name, file, shape in the file)
+    for hf_name, (file, shape) in _checkpoint_tensors(merged_dir).items():
+        if _dropped(hf_name, arch, cfg):
+            continue
         new_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ExportError(
@@ -260,18 +312,33 @@ def write_gguf(merged_dir: Path, out_path: Path, gtype: str = "f32", name: str =
                 str(merged_dir),
                 "this model variant is not supported for GGUF yet",
             )
-        array, raw_dtype = _encode(data, new_name, gtype)
-        if raw_dtype is None:
-            writer.add_tensor(new_name, array)
-        else:
-            writer.add_tensor(new_name, array, raw_dtype=raw_dtype)
-        written += 1
+        plan.append((hf_name, new_name, file, shape))
+
+    writer = gguf.GGUFWriter(str(out_path), arch.gguf_name)
+    # general.name is free text, but transformers' reader treats a name equal to "mistral" as a
+    # different architecture: a suffix keeps any run name from colliding with that.
+    writer.add_name(f"{name or merged_dir.name} (autotuning)")
+    n_vocab = None
+    for hf_name, new_name, _file, shape in plan:  # the header lists every tensor (shape, type, size) first
+        shape = shape[::-1] if _transposed(hf_name, arch) else shape
+        if new_name == "token_embd.weight":
+            n_vocab = shape[0]
+        out_shape, dtype, nbytes, raw_dtype = _encoded_info(shape, new_name, gtype)
+        writer.add_tensor_info(new_name, out_shape, dtype, nbytes, raw_dtype=raw_dtype)
+    if n_vocab is None:
+        raise ExportError("the model has no token embedding tensor", str(merged_dir), "export torch again")
+    _add_hparams(writer, arch, cfg, n_vocab, gtype)
+    _add_tokenizer(writer, tokenizer, merged_dir, n_vocab, cfg.model_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for hf_name, new_name, file, _shape in plan:  # then the data, one tensor in memory at a time
+        array, _raw = _encode(_convert(hf_name, _read(file, hf_name), arch, cfg), new_name, gtype)
+        writer.write_tensor_data(array)  # checks the size against the header
+        del array
     writer.close()
     return {
-        "tensors": written,
+        "tensors": len(plan),
         "architecture": arch.gguf_name,
         "pre_tokenizer": _pre_tokenizer_name(
             json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8")), cfg.model_type
@@ -340,18 +407,22 @@ def verify_gguf(gguf_path: Path, merged_dir: Path, gtype: str, tokenizer) -> dic
 
     cfg = AutoConfig.from_pretrained(merged_dir)
     extra = {"n_positions": cfg.n_positions} if cfg.model_type == "gpt2" else {}
-    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **extra
-    ).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Give me one tip for learning to cook."}],
         tokenize=False,
         add_generation_prompt=True,
     )
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    diff = float((reference(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs().max())
-    ref_tokens, gguf_tokens = _greedy(reference, ids), _greedy(reloaded, ids)
+    # One model in memory at a time: the reference's logits and greedy tokens first, then the GGUF's.
+    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ref_logits, ref_tokens = reference(input_ids=ids).logits, _greedy(reference, ids)
+    del reference
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **extra
+    ).eval()
+    diff = float((ref_logits - reloaded(input_ids=ids).logits).abs().max())
+    gguf_tokens = _greedy(reloaded, ids)
+    del reloaded
     agree = 0
     for a, b in zip(ref_tokens, gguf_tokens):
         if a != b:
