@@ -100,9 +100,13 @@ def main() -> int:
     start = time.perf_counter()
     first = run_once(model, rows, cache)
     second = run_once(model, rows, cache)
-    print(f"first run: {first['seconds']:.1f} s, {first['rows'] / first['seconds']:.0f} rows/s, stages {first['stages']}")
-    print(f"second run: {second['seconds']:.1f} s, {second['rows'] / second['seconds']:.0f} rows/s, "
-          f"stages {second['stages']}")
+    print(
+        f"first run: {first['seconds']:.1f} s, {first['rows'] / first['seconds']:.0f} rows/s, stages {first['stages']}"
+    )
+    print(
+        f"second run: {second['seconds']:.1f} s, {second['rows'] / second['seconds']:.0f} rows/s, "
+        f"stages {second['stages']}"
+    )
     print(f"(both runs with process start-up: {time.perf_counter() - start:.0f} s)")
     print_result(
         {
