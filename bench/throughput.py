@@ -3,18 +3,20 @@
     python bench/throughput.py [--steps 8] [--rounds 2] [--workdir DIR]
 
 Workload (bench/common.py): a ~29M-parameter Llama built locally, 2,000 alpaca rows of mixed lengths,
-max_seq_length 512, LoRA r=16 on all linear layers, batch 8, bf16 autocast where the CPU supports it,
-no gradient checkpointing, for all three methods:
+max_seq_length 512, LoRA r=16 on all linear layers, batch 8, no gradient checkpointing, for every method:
 
 - ours: `autotuning.training.build_trainer` on `autotuning.data.prepare_data`, exactly what `train` runs
-  (rows padded to the longest in the batch, batches grouped by length, answer-only loss);
-- seed: the seed project's method: every row padded to max_seq_length, plain `transformers.Trainer`,
-  labels masked up to a "### Response:" separator;
-- trl: TRL's `SFTTrainer` with its defaults on prompt/completion rows (random batches padded to the longest).
+  (rows padded to the longest in the batch, batches grouped by length, answer-only loss, bf16 autocast
+  where the CPU supports it);
+- seed: the seed project's method: every row padded to max_seq_length, plain `transformers.Trainer` with
+  its default precision (fp32 on a CPU), labels masked up to a "### Response:" separator;
+- seed_bf16: the same with bf16 autocast, to separate what padding and precision each contribute;
+- trl: TRL's `SFTTrainer` with its defaults on prompt/completion rows (random batches padded to the
+  longest), bf16 and checkpointing set as ours.
 
 Methods are interleaved: each round runs every method for `--steps` steps on the same model instance
 shape (fresh LoRA per method), and only steps after the first of each call are timed, so slow and fast
-moments of the machine hit all three alike. The last line is one JSON object.
+moments of the machine hit every method alike. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -82,13 +84,13 @@ def _ours(config, workdir):
     return trainer, clock
 
 
-def _seed(config, workdir):
+def _seed(config, workdir, bf16: bool = False):
     """Pad every row to max_seq_length; labels -100 up to the response separator and on padding."""
     import datasets
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from autotuning.data.loading import load_rows
-    from autotuning.modeling import load_tokenizer, resolve_precision
+    from autotuning.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(config)
     raw = load_rows(config.data.fine_tuning_type, config.data.dataset_path)
@@ -110,15 +112,16 @@ def _seed(config, workdir):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     dataset = datasets.Dataset.from_list([encode(r) for r in raw.rows])
-    precision = resolve_precision(config.training.precision)
     model = _lora(AutoModelForCausalLM.from_pretrained(config.model.model_name, dtype=torch.float32), config)
     clock = StepClock()
     args = TrainingArguments(
-        output_dir=str(workdir / "seed"),
+        output_dir=str(workdir / ("seed-bf16" if bf16 else "seed")),
         per_device_train_batch_size=BATCH,
         learning_rate=2e-4,
         max_steps=1,
-        bf16=precision == "bf16",
+        # The seed ran TrainingArguments' defaults: fp32 on a CPU. `seed_bf16` is the same method with bf16
+        # autocast switched on, to show how much of our lead is padding and how much is precision.
+        bf16=bf16,
         gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
@@ -183,8 +186,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "autotuning-bench")
     args = parser.parse_args()
+    from autotuning.config import Precision
+    from autotuning.modeling import resolve_precision
+
     config = bench_config(args.workdir)
-    methods = {"ours": _ours, "seed": _seed, "trl": _trl}
+    methods = {
+        "ours": _ours,
+        "seed": _seed,
+        "seed_bf16": lambda config, workdir: _seed(config, workdir, bf16=resolve_precision(Precision.AUTO) == "bf16"),
+        "trl": _trl,
+    }
     built = {name: make(config, args.workdir) for name, make in methods.items()}
     for _round in range(args.rounds):
         for trainer, _clock in built.values():
@@ -200,8 +211,10 @@ def main() -> int:
         {
             "ours_tok_s": round(rate["ours"], 1),
             "seed_method_tok_s": round(rate["seed"], 1),
+            "seed_method_bf16_tok_s": round(rate["seed_bf16"], 1),
             "trl_default_tok_s": round(rate["trl"], 1),
             "ratio_vs_seed": round(rate["ours"] / rate["seed"], 3),
+            "ratio_vs_seed_bf16": round(rate["ours"] / rate["seed_bf16"], 3),
             "ratio_vs_trl": round(rate["ours"] / rate["trl"], 3),
             "timed_steps_per_method": args.rounds * (args.steps - 1),
             "seq": SEQ,
