@@ -12,8 +12,9 @@
 - Ours: `build_trainer` on `prepare_data`, exactly what `train` runs (batches grouped by length, padded to
   the longest row, bf16 autocast where the machine supports it).
 - Bare loop: the practical limit. A hand-written PyTorch loop on the same model (a fresh LoRA with the
-  same seed) and the very batches our trainer's dataloader yields: forward with labels under autocast,
-  backward, AdamW step. No scheduler, no logging, no callbacks.
+  same seed) and the very batches our trainer trained on in that round (recorded from its forward calls,
+  same order): forward with labels under autocast, backward, AdamW step. No scheduler, no logging, no
+  callbacks.
 
 Ours and the bare loop alternate for `--rounds`; the first step of every call is not timed. The last
 line is one JSON object (`mfu_bf16` is a fraction: 0.45 = 45%).
@@ -98,6 +99,7 @@ class FlopCounter:
         self.per_token = 2 * (frozen + trained) + 2 * frozen + 4 * trained
         self.tokens = 0
         self.flops = 0.0
+        self.recorded: list[dict] | None = None  # set to a list to keep every training batch seen
         model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
@@ -107,6 +109,10 @@ class FlopCounter:
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
         lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
         lengths = lengths.double()
+        if self.recorded is not None:
+            self.recorded.append(
+                {k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask", "labels") if k in kwargs}
+            )
         self.tokens += int(lengths.sum())
         attention = 6 * self.layers * self.hidden * float((lengths * (lengths + 1)).sum())
         self.flops += self.per_token * float(lengths.sum()) + attention
@@ -161,39 +167,41 @@ def build_ours(config, workdir: Path):
     return trainer, clock, loaded.precision
 
 
-def bare_loop(config, batches, precision: str, steps: int, rounds: int, between) -> tuple[float, float, int]:
-    """The same model and batches in a hand-written loop; ``between()`` runs ours between rounds."""
-    from autotuning.modeling import apply_peft, load_model
+class BareLoop:
+    """The practical limit: the same model (a fresh LoRA, same seed) in a hand-written loop, fed the very
+    batches our trainer just trained on (recorded by its FlopCounter), in the same order."""
 
-    model = apply_peft(load_model(config).model, config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not any(p.device.type == "cuda" for p in model.parameters()):
-        model.to(device)
-    model.train()
-    counter = FlopCounter(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    seconds = flops = 0.0
-    tokens = 0
-    it = iter(batches)
-    for _round in range(rounds):
-        between()
-        for step in range(steps):
-            batch = next(it)
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    def __init__(self, config, precision: str):
+        from autotuning.modeling import apply_peft, load_model
+
+        model = apply_peft(load_model(config).model, config)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not any(p.device.type == "cuda" for p in model.parameters()):
+            model.to(self.device)
+        model.train()
+        self.model = model
+        self.counter = FlopCounter(model)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.seconds = self.flops = 0.0
+        self.tokens = self.steps = 0
+
+    def run(self, batches: list[dict]) -> None:
+        for step, batch in enumerate(batches):
+            inputs = {k: v.to(self.device) for k, v in batch.items()}
             _sync()
-            start, before_tokens, before_flops = time.perf_counter(), counter.tokens, counter.flops
-            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(**inputs).loss
+            start, tokens, flops = time.perf_counter(), self.counter.tokens, self.counter.flops
+            with torch.autocast(self.device, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                loss = self.model(**inputs).loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             _sync()
             if step:  # the first step of each round is a warm-up, as for ours
-                seconds += time.perf_counter() - start
-                tokens += counter.tokens - before_tokens
-                flops += counter.flops - before_flops
-    return seconds, flops, tokens
+                self.seconds += time.perf_counter() - start
+                self.tokens += self.counter.tokens - tokens
+                self.flops += self.counter.flops - flops
+                self.steps += 1
 
 
 def main() -> int:
@@ -229,17 +237,17 @@ def main() -> int:
         extra["model_name"] = str(model)
     config = bench_config(args.workdir, **extra)
     trainer, clock, precision = build_ours(config, args.workdir)
-    # Enough batches for every bare-loop step, drawn from our trainer's own dataloader (same order, padding).
-    batches = []
-    while len(batches) < args.steps * args.rounds:
-        batches.extend(trainer.get_train_dataloader())
-
-    def run_ours():
+    bare = BareLoop(config, precision)
+    for _round in range(args.rounds):
+        clock.counter.recorded = []
         trainer.args.max_steps = args.steps  # each call starts a fresh schedule: only timing matters here
         trainer.train(resume_from_checkpoint=None)
+        batches, clock.counter.recorded = clock.counter.recorded, None
         gc.collect()
-
-    bare_seconds, bare_flops, bare_tokens = bare_loop(config, batches, precision, args.steps, args.rounds, run_ours)
+        bare.run(batches)
+        del batches
+        gc.collect()
+    bare_seconds, bare_flops, bare_tokens = bare.seconds, bare.flops, bare.tokens
     ours_rate, bare_rate = clock.tokens / clock.seconds, bare_tokens / bare_seconds
     ours_gflops, bare_gflops = clock.flops / clock.seconds / 1e9, bare_flops / bare_seconds / 1e9
     counter = clock.counter
@@ -249,8 +257,7 @@ def main() -> int:
     )
     print(f"ours: {clock.steps} timed steps, {clock.tokens} tokens, {ours_rate:.0f} tok/s, {ours_gflops:.1f} GFLOP/s")
     print(
-        f"bare loop: {args.rounds * (args.steps - 1)} timed steps, {bare_tokens} tokens, {bare_rate:.0f} tok/s, "
-        f"{bare_gflops:.1f} GFLOP/s"
+        f"bare loop: {bare.steps} timed steps, {bare_tokens} tokens, {bare_rate:.0f} tok/s, {bare_gflops:.1f} GFLOP/s"
     )
     print_result(
         {
