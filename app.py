@@ -73,10 +73,17 @@ def _warm_imports() -> None:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
 
+def _is_interactive() -> bool:
+    """A notebook or a Python prompt: the caller keeps its thread, so the app must not block it."""
+    return bool(getattr(sys, "ps1", sys.flags.interactive)) or "ipykernel" in sys.modules
+
+
 def main(argv: list[str] | None = None):
     """`python app.py ARGS`; from a notebook, ``app.main(["--share", "--auth", "user:pass"])``.
 
     Returns the running ``gr.Blocks``: in a notebook ``launch()`` returns at once and ``demo.close()`` stops the app.
+    Run as a program, the main thread then trains the jobs the app starts (faster than a side thread on a
+    CPU: see ``autotuning.pipeline.MainThreadExecutor``) until the server closes or Ctrl-C.
     """
     args = parse_args(argv)
     try:
@@ -91,6 +98,11 @@ def main(argv: list[str] | None = None):
     from ui import ASSETS, AppContext, build_app, theme
 
     ctx = AppContext.create(args.output_root, args.data_dirs)
+    serve_jobs = not _is_interactive()
+    if serve_jobs:
+        from autotuning.pipeline import MainThreadExecutor
+
+        ctx.pipeline.executor = MainThreadExecutor()
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     demo.launch(
@@ -104,7 +116,15 @@ def main(argv: list[str] | None = None):
         # Run files (exports, reports) are served from the output root; other people's uploads are not.
         allowed_paths=[str(ctx.output_root)],
         blocked_paths=[str(ctx.workspace)],
+        prevent_thread_lock=serve_jobs,  # the main thread serves training jobs instead of sleeping
     )
+    if serve_jobs:
+        try:
+            ctx.pipeline.executor.serve(keep_going=lambda: demo.is_running)
+        except KeyboardInterrupt:
+            print("Keyboard interruption in main thread... closing server.", file=sys.stderr)
+        finally:
+            demo.close()
     return demo
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from .errors import UserError
 from .runs import default_run_name
 from .training.metrics import MetricsSink, read_metrics
 
-__all__ = ["RunStatus", "Run", "Pipeline", "BusyError"]
+__all__ = ["RunStatus", "Run", "Pipeline", "BusyError", "MainThreadExecutor"]
 
 
 class RunStatus(str, enum.Enum):
@@ -84,6 +86,7 @@ class Run:
         self._status = RunStatus.QUEUED
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None  # set when the job ran through an executor
 
     # -- state ----------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class Run:
                 self._status = RunStatus.STOPPING
 
     def wait(self, timeout: float | None = None) -> bool:
+        if self._done is not None:
+            return self._done.wait(timeout)
         if self._thread is None:
             return True
         self._thread.join(timeout)
@@ -159,6 +164,11 @@ class Run:
             self.error = err.message
             self.log_lines.append(f"error: {err.message}")
             self._set_status(RunStatus.FAILED)
+        except KeyboardInterrupt:  # Ctrl-C reaches a job only on the main thread: the app is closing
+            self.error = "interrupted (Ctrl-C)"
+            self.log_lines.append(f"error: {self.error}")
+            self._set_status(RunStatus.FAILED)
+            raise
         except BaseException as exc:  # a bug: the message here, the traceback in train.log
             self.error = (
                 f"internal error ({type(exc).__name__}: {exc}); the traceback is in {self.run_dir / 'train.log'}"
@@ -221,7 +231,10 @@ class Run:
                 tail.stop()
             self.finished_at = time.time()
 
-    def _start(self) -> None:
+    def _start(self, executor: MainThreadExecutor | None = None) -> None:
+        if executor is not None:
+            self._done = executor.submit(self._target)
+            return
         self._thread = threading.Thread(target=self._target, name=f"autotuning-run-{self.id}", daemon=True)
         self._thread.start()
 
@@ -271,11 +284,47 @@ class _MetricsTail:
                     continue
 
 
-class Pipeline:
-    """Owns the one running job of this process and knows where runs live."""
+class MainThreadExecutor:
+    """Runs jobs on the thread that calls :meth:`serve`: the app gives its main thread to training.
 
-    def __init__(self, output_root: str | Path = "runs"):
+    On a CPU a training step is slower in any other thread of the process (about 10% on the 30M
+    benchmark, bench/ui_overhead.py): glibc gives each new thread its own malloc arena, whose heaps are
+    capped at 64 MB and trimmed eagerly, so the step's large tensors are mapped and faulted in again and
+    again (86k vs 50k page faults per step measured, with twice the system time). The main thread
+    allocates from the main heap and keeps its pages.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+
+    def submit(self, fn: Callable[[], None]) -> threading.Event:
+        done = threading.Event()
+        self._jobs.put((fn, done))
+        return done
+
+    def serve(self, keep_going: Callable[[], bool] = lambda: True, poll_s: float = 0.2) -> None:
+        """Run submitted jobs one after another until ``keep_going()`` turns false (checked between jobs)."""
+        while keep_going():
+            try:
+                fn, done = self._jobs.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            try:
+                fn()
+            finally:
+                done.set()
+
+
+class Pipeline:
+    """Owns the one running job of this process and knows where runs live.
+
+    Jobs run in a background thread, or on the thread serving ``executor`` when one is set (the app's
+    main thread: see :class:`MainThreadExecutor`).
+    """
+
+    def __init__(self, output_root: str | Path = "runs", executor: MainThreadExecutor | None = None):
         self.output_root = Path(output_root)
+        self.executor = executor
         self._lock = threading.Lock()
         self._current: Run | None = None
 
@@ -297,7 +346,7 @@ class Pipeline:
                 config = config.replace(output_dir=str(self.output_root / default_run_name(config)))
             run = Run(config)
             self._current = run
-            run._start()
+            run._start(self.executor)
             return run
 
     def history(self, run_dir: str | Path) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ step takes about a second, like a real run's; the UI's work per tick is then mea
 rather than against the noise of a tiny model's ~50 ms steps.
 
 Headless = `run_job` in the foreground (what `python -m autotuning train` runs). UI = the same config
-through `Pipeline.start` while a thread does what the Train tab's 1 s timer does on every tick:
+through `Pipeline.start`, trained on the main thread as `python app.py` does (the pipeline's
+`MainThreadExecutor`), while a thread does what the Train tab's 1 s timer does on every tick:
 `snapshot()` of the run and the three chart payloads built from all its events. Each pair runs both,
 the first of the pair alternating, so machine noise hits both; the medians are compared. Tokens/s = trained tokens of the last
 logged step / its elapsed training time. The last line is one JSON object.
@@ -36,6 +37,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from autotuning.job import run_job
+    from autotuning.pipeline import MainThreadExecutor
     from autotuning.training import MetricsSink
     from ui.charts import loss_figure, lr_figure, throughput_figure
     from ui.context import AppContext
@@ -44,6 +46,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="autotuning-ui-overhead-"))
     workdir = Path(tempfile.gettempdir()) / "autotuning-bench"
     ctx = AppContext.create(root / "runs")
+    ctx.pipeline.executor = MainThreadExecutor()  # as `python app.py` does: its main thread trains
     sets = {"max_steps": args.steps, "save_format": "torch", "save_steps": 100000}
 
     def through_ui(i: int) -> float:
@@ -57,7 +60,7 @@ def main() -> int:
 
         poller = threading.Thread(target=poll, args=(done,))
         poller.start()
-        run.wait()
+        ctx.pipeline.executor.serve(keep_going=lambda: not run.wait(0))
         done.set()
         poller.join()
         return _rate(run.events(0))

@@ -159,3 +159,26 @@ def test_concurrent_readers_never_see_a_torn_run_record(tmp_path):
             t.join()
     assert result.status == "finished"
     assert errors == []
+
+
+def test_the_app_trains_on_the_thread_that_serves_its_executor(tmp_path, monkeypatch):
+    """`python app.py` gives its main thread to training (faster on a CPU): the job waits for it, runs on it."""
+    import autotuning.job as job
+    from autotuning.config import load_config, quickstart_overrides
+    from autotuning.pipeline import MainThreadExecutor, Pipeline, RunStatus
+
+    threads = []
+    real_run_job = job.run_job
+    monkeypatch.setattr(
+        job, "run_job", lambda *a, **k: threads.append(threading.current_thread()) or real_run_job(*a, **k)
+    )
+    executor = MainThreadExecutor()
+    pipeline = Pipeline(tmp_path, executor=executor)
+    config = load_config(None, [f"output_dir={tmp_path / 'run'}", "max_steps=3"], defaults=quickstart_overrides())
+    run = pipeline.start(config)
+    assert run.status is RunStatus.QUEUED and not run.wait(0.2)  # nothing runs until the thread serves
+    executor.serve(keep_going=lambda: not run.wait(0))
+    assert threads == [threading.current_thread()]
+    assert run.status is RunStatus.FINISHED, run.error
+    assert run.result.global_step == 3 and any(e.get("type") == "train" for e in run.events(0))
+    assert run.log_tail()  # the job's log lines still reach the Train tab
