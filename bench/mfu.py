@@ -58,21 +58,27 @@ def _sync():
 
 
 def peak_matmul_gflops(dtype: torch.dtype) -> float:
-    """Best of a few timed large matmuls: the machine's practical matmul ceiling for ``dtype``."""
+    """The machine's practical matmul ceiling for ``dtype``: the best of several sizes and repeats.
+
+    Several sizes, because the fastest differs by machine (cache sizes, thread count); taking the best
+    keeps the peak from being under-measured, which would flatter the MFU.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 8192 if device == "cuda" else 2048
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    reps = 20 if device == "cuda" else 5
-    best = float("inf")
-    for _ in range(4):
-        _sync()
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b)
-        _sync()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 2 * n**3 / best / 1e9
+    sizes = (4096, 8192) if device == "cuda" else (1024, 2048, 4096)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        reps = 20 if device == "cuda" else max(2, int(2e10 // (2 * n**3)))  # >= ~20 GFLOP per timing
+        torch.matmul(a, b)  # warm-up
+        for _ in range(3):
+            _sync()
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(a, b)
+            _sync()
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 class FlopCounter:
@@ -224,8 +230,9 @@ def main() -> int:
     if PRESETS[args.preset]:
         model = args.workdir / f"llama-{args.preset}"
         if not (model / "config.json").is_file():
-            # Built in a child process: on an H200, our trainer measured ~3x slower (11.8-14.1k vs 42k tok/s) in
-            # the process that had just built and saved the 0.8B model than in a fresh one (cause not found).
+            # Built in a child process, so the timed process holds nothing of the build. On a fresh GPU machine
+            # run the script twice: the first run pays CUDA's kernel JIT (cached in ~/.nv/ComputeCache) inside
+            # our trainer's timed steps (13.5k vs 42k tok/s on an H200).
             code = (
                 "import json, sys; sys.path.insert(0, sys.argv[1]); from common import build_local_llama; "
                 "build_local_llama(__import__('pathlib').Path(sys.argv[2]), **json.loads(sys.argv[3]))"
