@@ -304,6 +304,14 @@ def resolve_model_path(model_name: str) -> str:
 
 
 def _hub_error(model_name: str, exc: Exception, what: str) -> ModelError:
+    if "trust_remote_code" in str(exc):
+        # The model exists (local or Hub) but ships its own Python code: say that, not "not found".
+        return ModelError(
+            f"the {what} '{model_name}' needs its own Python code from the repository to load",
+            "field 'model_name'",
+            "set trust_remote_code: true if you trust its author (the code runs on this machine), "
+            "or pick a model that transformers supports natively",
+        )
     offline = not hub_reachable()
     local_hint = Path(model_name).expanduser().exists()
     if local_hint:

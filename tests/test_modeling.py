@@ -45,3 +45,17 @@ def test_unknown_builtin_lists_the_real_ones():
     with pytest.raises(ModelError) as err:
         ensure_builtin_model("builtin:tiny-mamba")
     assert "builtin:tiny-llama" in str(err.value)
+
+
+def test_a_model_that_needs_its_own_code_says_so_instead_of_not_found(tmp_path):
+    import json
+
+    model_dir = tmp_path / "custom"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(
+        json.dumps({"model_type": "acme-lm", "auto_map": {"AutoConfig": "configuration_acme.AcmeConfig"}})
+    )
+    config = load_config(None, [f"model_name={model_dir}"])
+    with pytest.raises(ModelError) as err:
+        load_model(config)
+    assert "needs its own Python code" in str(err.value) and "trust_remote_code: true" in str(err.value)
