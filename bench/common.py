@@ -131,6 +131,32 @@ def bench_config(workdir: Path, **extra):
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
+def build_default_trainer(config, workdir: Path, callbacks_for):
+    """Our default training path, exactly what `train` runs: `prepare_data` -> `load_model` -> LoRA ->
+    `build_trainer`. ``callbacks_for(model)`` gives the benchmark's callbacks (it may hook the model).
+    Returns (trainer, precision)."""
+    from autotuning.data import prepare_data
+    from autotuning.modeling import apply_peft, load_model, load_tokenizer
+    from autotuning.training import build_trainer
+
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config, tokenizer)
+    loaded = load_model(config)
+    model = apply_peft(loaded.model, config)
+    trainer = build_trainer(
+        config,
+        model,
+        tokenizer,
+        data.train,
+        None,
+        workdir / "ours",
+        loaded.precision,
+        callbacks=callbacks_for(model),
+        show_progress=False,
+    )
+    return trainer, loaded.precision
+
+
 def print_result(figures: dict) -> None:
     """The last line every benchmark prints: one JSON object."""
     print(json.dumps({**figures, "machine": machine()}))

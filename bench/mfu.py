@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import BATCH, bench_config, print_result
+from common import BATCH, bench_config, build_default_trainer, print_result
 from transformers import TrainerCallback
 
 PRESETS = {
@@ -149,28 +149,15 @@ class StepClock(TrainerCallback):
 
 
 def build_ours(config, workdir: Path):
-    from autotuning.data import prepare_data
-    from autotuning.modeling import apply_peft, load_model, load_tokenizer
-    from autotuning.training import build_trainer
+    clock = None
 
-    tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer)
-    loaded = load_model(config)
-    model = apply_peft(loaded.model, config)
-    counter = FlopCounter(model)
-    clock = StepClock(counter)
-    trainer = build_trainer(
-        config,
-        model,
-        tokenizer,
-        data.train,
-        None,
-        workdir / "ours",
-        loaded.precision,
-        callbacks=[clock],
-        show_progress=False,
-    )
-    return trainer, clock, loaded.precision
+    def callbacks(model):  # the FLOP counter hooks the LoRA model before the trainer wraps it
+        nonlocal clock
+        clock = StepClock(FlopCounter(model))
+        return [clock]
+
+    trainer, precision = build_default_trainer(config, workdir, callbacks)
+    return trainer, clock, precision
 
 
 class BareLoop:

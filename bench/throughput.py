@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import BATCH, SEQ, bench_config, print_result
+from common import BATCH, SEQ, bench_config, build_default_trainer, print_result
 from transformers import TrainerCallback
 
 
@@ -62,25 +62,8 @@ def _lora(model, config):
 
 
 def _ours(config, workdir):
-    from autotuning.data import prepare_data
-    from autotuning.modeling import load_model, load_tokenizer
-    from autotuning.training import build_trainer
-
-    tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer)
-    loaded = load_model(config)
     clock = StepClock()
-    trainer = build_trainer(
-        config,
-        _lora(loaded.model, config),
-        tokenizer,
-        data.train,
-        None,
-        workdir / "ours",
-        loaded.precision,
-        callbacks=[clock],
-        show_progress=False,
-    )
+    trainer, _precision = build_default_trainer(config, workdir, lambda model: [clock])
     return trainer, clock
 
 
