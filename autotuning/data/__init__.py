@@ -187,7 +187,7 @@ def _load_cached(path):
         train = datasets.load_from_disk(str(path / "train"))
         evaluation = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
         path.touch()  # recently used
-    except (OSError, ValueError, FileNotFoundError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # missing, half-written or from an older layout
         if path.exists():
             log.info("tokenised-data cache entry %s unreadable (%s): tokenising again", path, exc)
         return None
