@@ -40,10 +40,12 @@ def _options_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The installed `autotuning` command and `python -m autotuning` are the same program: name the one used.
+    prog = "autotuning" if Path(sys.argv[0]).name == "autotuning" else "python -m autotuning"
     parser = argparse.ArgumentParser(
-        prog="python -m autotuning",
+        prog=prog,
         description="Fine-tune Hugging Face causal language models with LoRA/QLoRA, evaluate and export them.",
-        epilog="Run 'python -m autotuning options' for every config option with its help.",
+        epilog=f"Run '{prog} options' for every config option with its help.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
