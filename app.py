@@ -6,7 +6,12 @@ import argparse
 import logging
 import os
 import sys
-import threading
+
+from huggingface_hub import constants
+
+from autotuning.config import lend_environment_token
+from autotuning.pipeline import MainThreadExecutor
+from ui import ASSETS, AppContext, build_app, theme
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +30,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="USER:PASS",
         default=os.environ.get("AUTOTUNING_AUTH"),
         help="require this login (env AUTOTUNING_AUTH)",
+    )
+    parser.add_argument(
+        "--lend-hf-token",
+        action="store_true",
+        help="let browser sessions use this machine's HF_TOKEN (and stored Hugging Face login) when their own "
+        "token field is empty; without it they use only the token they type (or, on a Space with OAuth, "
+        "their own Hugging Face login)",
+    )
+    parser.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        help="let browser sessions turn on trust_remote_code and allow_pickle_weights (both can run code here)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --share without --auth: anyone with the link can train, read runs and use the server's files",
     )
     parser.add_argument(
         "--output-root",
@@ -49,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list[str]]:
-    """(login or None, warnings) for how the app will be reachable; ValueError for a malformed --auth."""
+    """(login or None, warnings) for how the app will be reachable; ValueError for a malformed --auth, and for
+    --share without --auth (a public link to a machine's files and compute) unless --insecure says so."""
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
@@ -58,7 +81,12 @@ def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list
         auth = (user, password)
     warnings = []
     if auth is None and args.share:
-        warnings.append("--share without --auth makes the app public to anyone with the link: add --auth user:password")
+        if not args.insecure:
+            raise ValueError(
+                "--share without --auth would let anyone with the link use this machine: add --auth user:password "
+                "(or --insecure to accept that)"
+            )
+        warnings.append("--share without --auth (--insecure): the app is public to anyone with the link")
     if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.append(
             f"--host {args.host} without --auth lets anyone on the network use the app: add --auth user:password"
@@ -66,11 +94,20 @@ def check_access(args: argparse.Namespace) -> tuple[tuple[str, str] | None, list
     return auth, warnings
 
 
-def _warm_imports() -> None:
-    """Import the training stack in the background so the first Start does not wait for it."""
-    import peft  # noqa: F401
-    import trl  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+def apply_token_policy(args: argparse.Namespace) -> str | None:
+    """Unless --lend-hf-token: configs built by this app do not fall back to HF_TOKEN, and huggingface_hub sends
+    no token it was not given (HF_HUB_DISABLE_IMPLICIT_TOKEN), so a visitor's request never runs with the
+    owner's login. Returns a note to print when a server token is being withheld."""
+
+    lend_environment_token(args.lend_hf_token)
+    if args.lend_hf_token:
+        return None
+
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # for processes this one starts (multi-GPU runs)
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # read at each request; the environment only at import
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return "this machine's HF_TOKEN is not lent to browser sessions (start with --lend-hf-token to lend it)"
+    return None
 
 
 def _is_interactive() -> bool:
@@ -92,16 +129,14 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {err}")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    note = apply_token_policy(args)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     logging.basicConfig(level=logging.WARNING)
-    threading.Thread(target=_warm_imports, daemon=True).start()
 
-    from ui import ASSETS, AppContext, build_app, theme
-
-    ctx = AppContext.create(args.output_root, args.data_dirs)
+    ctx = AppContext.create(args.output_root, args.data_dirs, allow_code=args.allow_remote_code)
     serve_jobs = not _is_interactive()
     if serve_jobs:
-        from autotuning.pipeline import MainThreadExecutor
-
         ctx.pipeline.executor = MainThreadExecutor()
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)

@@ -1,6 +1,9 @@
 """``python -m autotuning``: the same job as the app, without a browser.
 
-Exit codes: 0 done, 2 bad input (one ``error: ...`` line on stderr, nothing written),
+Exit codes: 0 done (an export after training that failed its check or crashed is recorded in
+run.json and the summary's ``unverified``, with a warning line on stderr; the training is kept),
+2 bad input (one ``error: ...`` line on stderr, nothing written; also a run that another live process is
+training, for ``train --resume`` and ``export``: the live run is left alone),
 130 stopped with Ctrl-C (checkpoint saved; continue with ``--resume``), 1 unexpected failure
 (the traceback is in the run's train.log).
 """
@@ -17,8 +20,29 @@ import textwrap
 import threading
 from pathlib import Path
 
-from .config import Config, GgufType, SaveFormat, iter_fields, load_config, quickstart_overrides
+import torch
+
+from .config import (
+    QUICKSTART_DATASET,
+    Config,
+    Distributed,
+    FineTuningType,
+    GgufType,
+    SaveFormat,
+    iter_fields,
+    load_config,
+    quickstart_overrides,
+)
+from .data import encode_example, prepare_data
+from .distributed import Role
 from .errors import UserError
+from .estimate import describe, estimate_memory
+from .evaluation import evaluate_run
+from .export import export_run, unverified_exports
+from .launcher import launch, prepare_launch
+from .modeling import load_tokenizer
+from .recipe import run_job
+from .runs import RunDir, RunStatus
 
 __all__ = ["main", "build_parser"]
 
@@ -101,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="format to export (repeatable)",
     )
     export.add_argument(
-        "--gguf-type", choices=GgufType.values(), help="GGUF tensor type (default: the run's gguf_type)"
+        "--gguf-type",
+        action="append",
+        choices=GgufType.values(),
+        help="GGUF tensor type, repeatable: one conversion makes them all (default: the run's gguf_type)",
     )
 
     evaluate = sub.add_parser(
@@ -148,6 +175,12 @@ def _resolve_config(args: argparse.Namespace, resume: bool = False) -> Config:
     if args.config:
         return load_config(args.config, overrides)
     config = load_config(None, overrides, defaults=quickstart_overrides())
+    if (
+        config.data.dataset_path == QUICKSTART_DATASET
+        and config.data.fine_tuning_type is not FineTuningType.INSTRUCTION
+    ):
+        # The quickstart's templated rows are instructions: another type given with --set gets its own bundled sample.
+        config = config.replace(dataset_path="sample")
     saved = Path(config.run.output_dir) / "config.yaml"
     if resume and config.run.output_dir and saved.is_file():
         # The continued run trains exactly as before unless --set says otherwise.
@@ -169,9 +202,6 @@ def _setup_console_logging(quiet: bool) -> logging.Handler:
 
 def _cmd_train_launched(config: Config, quiet: bool) -> int:
     """distributed: ddp|fsdp: prepare the run, print the launch command, run it and wait."""
-    from .distributed import launch, prepare_launch
-    from .runs import RunDir
-
     plan = prepare_launch(config, extra_args=["--quiet"] if quiet else [])
     print(f"launch: {plan.command_line}", file=sys.stderr)
     stop_event, abort_event = threading.Event(), threading.Event()
@@ -193,9 +223,9 @@ def _cmd_train_launched(config: Config, quiet: bool) -> int:
         signal.signal(signal.SIGINT, previous)
     record = RunDir(plan.run_dir).read()
     status = record.get("status")
-    if status == "finished" and rc == 0:
+    if status == RunStatus.FINISHED and rc == 0:
         return EXIT_OK
-    if status == "stopped":
+    if status == RunStatus.STOPPED:
         return EXIT_STOPPED
     if abort_event.is_set():
         print("error: aborted without saving", file=sys.stderr)
@@ -210,12 +240,9 @@ def _cmd_train_launched(config: Config, quiet: bool) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import Distributed
-    from .distributed import is_launched_worker, process_rank
-    from .job import run_job
-
     config = _resolve_config(args, resume=args.resume)
-    launched = is_launched_worker()
+    role = Role()
+    launched = role.launched
     if config.training.distributed is not Distributed.NONE and not launched:
         return _cmd_train_launched(config, args.quiet)
     stop_event = threading.Event()
@@ -234,9 +261,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_job(config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
     finally:
         signal.signal(signal.SIGINT, previous)
-    if launched and process_rank() != 0:
+    if not role.writes:
         return EXIT_OK  # rank 0 reports for the run
-    if result.status == "stopped":
+    if result.status == RunStatus.STOPPED:
         if launched:
             return EXIT_OK  # the launching parent reads run.json and reports the stop
         print(
@@ -250,16 +277,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         {k: result.eval_results[k] for k in ("eval_loss", "perplexity", "accuracy", "f1") if k in result.eval_results}
     )
     if "torch" in result.exports:
-        summary["merged"] = result.exports["torch"]["path"]
-        summary["max_abs_logit_diff"] = result.exports["torch"]["max_abs_logit_diff"]
-    print(json.dumps(summary))
+        summary["merged"] = result.exports["torch"].get("path")
+        summary["max_abs_logit_diff"] = result.exports["torch"].get("max_abs_logit_diff")
+    summary.update(_exports_summary(result.exports))
+    print(json.dumps(summary, default=str))
     return EXIT_OK
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .data import encode_example, prepare_data
-    from .modeling import load_tokenizer
+def _exports_summary(exports: dict) -> dict:
+    """Each export's verdict and figures, and the ones that are not verified with why (the warning lines on
+    stderr, logged by the exporter, say the same and how to export again)."""
+    shown = {
+        fmt: {k: v for k, v in figures.items() if not isinstance(v, list)}
+        for fmt, figures in exports.items()
+        if isinstance(figures, dict)
+    }
+    return {"exports": shown, "unverified": unverified_exports(exports)} if exports else {}
 
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
     config = _resolve_config(args)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
@@ -271,6 +307,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     for note in data.notes:
         print(f"note: {note}")
+    fixes = stats.get("turn_fixes") or {}
+    if fixes:
+        changes = ", ".join(f"{rule.replace('_', ' ')} {n}" for rule, n in fixes.items() if rule != "rows")
+        print(f"conversations repaired to alternate user/assistant: {fixes['rows']} ({changes})")
     for split in ("train", "eval"):
         s = stats[split]
         if not s:
@@ -281,7 +321,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"truncated, {s['answer_lost_rows']} dropped (answer lost); {s['answer_tokens']} trained answer tokens"
         )
     for row in data.train_rows[: max(0, args.rows)]:
-        enc = encode_example(tokenizer, row, config.data.max_seq_length)
+        enc = encode_example(tokenizer, row, config.data.max_seq_length, config.data.trained_turns)
         prompt_ids = [t for t, m in zip(enc.input_ids, enc.completion_mask) if not m]
         answer_ids = [t for t, m in zip(enc.input_ids, enc.completion_mask) if m]
         print("\n--- example: prompt tokens (masked, no loss) ---")
@@ -293,26 +333,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
-
     results = export_run(args.run, args.formats, args.gguf_type)
-    summary = {}
-    for fmt, figures in results.items():
-        if fmt not in args.formats:
-            continue
-        summary[fmt] = {k: v for k, v in figures.items() if not isinstance(v, list)}
+    done = _exports_summary({fmt: figures for fmt, figures in results.items() if fmt.split(":")[0] in args.formats})
+    summary = {**done.get("exports", {}), "unverified": done.get("unverified", {})}
     print(json.dumps(summary, default=str))
     return EXIT_OK
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from .estimate import describe, estimate_memory
-
     config = _resolve_config(args)
     device = None if args.device == "auto" else args.device
     if device == "cuda" and args.free_gib is None:
-        import torch
-
         if not torch.cuda.is_available():
             raise UserError(
                 "this machine has no CUDA GPU to read free memory from", "--device cuda", "add --free-gib N"
@@ -331,10 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "options":
         print(_options_text().lstrip("\n"))
         return EXIT_OK
-    from .distributed import is_launched_worker, process_rank
-
     # In a multi-process run, rank 0 speaks for all of them.
-    quiet = getattr(args, "quiet", False) or (is_launched_worker() and process_rank() != 0)
+    quiet = getattr(args, "quiet", False) or not Role().writes
     handler = _setup_console_logging(quiet=quiet)
     try:
         if args.command == "show-config":
@@ -347,8 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "estimate":
             return _cmd_estimate(args)
         if args.command == "evaluate":
-            from .evaluation import evaluate_run
-
             report = evaluate_run(args.run, generations=args.generations, max_new_tokens=args.max_new_tokens)
             print(json.dumps(report["results"]))
             return EXIT_OK

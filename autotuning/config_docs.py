@@ -19,13 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from .config import SEED_ALIASES, Config, iter_fields
+from .export.gguf import render_gguf_architectures
 
-__all__ = ["render_config_table", "replace_between_markers", "README", "START", "END", "REGENERATE"]
+__all__ = [
+    "render_config_table",
+    "replace_between_markers",
+    "README",
+    "START",
+    "END",
+    "GGUF_START",
+    "GGUF_END",
+    "REGENERATE",
+]
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"
 REGENERATE = "python -m autotuning.config_docs --write"
+GGUF_START = "<!-- gguf-architectures:start -->"
+GGUF_END = "<!-- gguf-architectures:end -->"
 
 
 def _type_text(annotation: Any) -> str:
@@ -77,12 +89,12 @@ def render_config_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_between_markers(text: str, body: str) -> str:
-    """``text`` with everything between the START and END marker lines replaced by ``body``."""
-    start, end = text.find(START), text.find(END)
+def replace_between_markers(text: str, body: str, start_marker: str = START, end_marker: str = END) -> str:
+    """``text`` with everything between the start and end marker lines replaced by ``body``."""
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"README.md needs the marker lines {START} and {END}, in that order")
-    head = text[: start + len(START)]
+        raise ValueError(f"README.md needs the marker lines {start_marker} and {end_marker}, in that order")
+    head = text[: start + len(start_marker)]
     return f"{head}\n{body}{text[end:]}"
 
 
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = args.readme.read_text(encoding="utf-8")
     fresh = replace_between_markers(current, table)
+    if GGUF_START in fresh:  # the GGUF architectures, from llama.cpp's converter
+        fresh = replace_between_markers(fresh, render_gguf_architectures(), GGUF_START, GGUF_END)
     if args.check:
         if fresh != current:
             print(f"{args.readme}: the config reference is stale; run: {REGENERATE}", file=sys.stderr)

@@ -8,7 +8,7 @@ with a pointer to the log file rather than a bare traceback.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "ModelError", "ExportError"]
+__all__ = ["UserError", "ConfigError", "DataError", "ModelError", "ExportError", "RunBusyError", "JobCancelled"]
 
 
 class UserError(Exception):
@@ -48,3 +48,11 @@ class ModelError(UserError):
 
 class ExportError(UserError):
     """An export that cannot be produced or failed its verification."""
+
+
+class RunBusyError(UserError):
+    """The run is held by another live job: a training in progress cannot be resumed, exported or overwritten."""
+
+
+class JobCancelled(UserError):
+    """The user cancelled a job (an export, an evaluation) before it finished."""

@@ -35,8 +35,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from .concurrency import MODEL_LOADING
 from .config import Config, Distributed, PeftType, Quantization
+from .distributed import resolve_num_processes
 from .errors import ModelError
+from .modeling import resolve_model_path, resolve_precision
 
 __all__ = ["MemoryEstimate", "estimate_memory", "free_memory", "describe", "as_replace_kwargs", "RUNTIME_BYTES"]
 
@@ -85,20 +93,13 @@ class MemoryEstimate:
 def free_memory(device: str) -> int:
     """Bytes available now: free GPU memory, or the OS's available RAM on CPU."""
     if device.startswith("cuda"):
-        import torch
-
         free, _total = torch.cuda.mem_get_info()
         return int(free)
-    import psutil
 
     return int(psutil.virtual_memory().available)
 
 
 def _meta_model(config: Config):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .modeling import resolve_model_path
 
     path = resolve_model_path(config.model.model_name)
     try:
@@ -112,14 +113,13 @@ def _meta_model(config: Config):
             "check the id or path (the Hub must be reachable, or the model cached), or use builtin:tiny-llama",
         ) from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        with MODEL_LOADING:  # transformers' load patches are process-wide (concurrency.py)
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     return model, model_config
 
 
 def _linear_layers(model) -> list[tuple[str, int, int, int]]:
     """(name, in, out, weight elements) of every projection: nn.Linear, and GPT-2's Conv1D (weight is in x out)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
 
     out = []
     for name, m in model.named_modules():
@@ -158,9 +158,6 @@ def estimate_memory(
     suggest: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory of training ``config`` on ``device`` (default: cuda if available, else cpu)."""
-    import torch
-
-    from .modeling import resolve_precision
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -243,20 +240,7 @@ def estimate_memory(
             parts["checkpoint_pages"] = int(file_bytes)
     if peft is PeftType.NONE:
         parts.pop("lora_adapters")
-    processes = 1
-    if t.distributed is not Distributed.NONE:
-        from .distributed import resolve_num_processes
-
-        processes = max(1, resolve_num_processes(config))
-        if t.distributed is Distributed.FSDP:
-            # Full shard: each GPU holds 1/n of the weights, gradients and optimizer state (plus one layer
-            # gathered at a time); activations are per GPU as before.
-            for name in ("weights", "lora_adapters", "gradients", "optimizer_state"):
-                if name in parts:
-                    parts[name] = int(parts[name] / processes)
-        elif not on_gpu:
-            # CPU DDP: every process is a full replica in the same RAM.
-            parts = {name: value * processes for name, value in parts.items()}
+    parts, processes = _per_device(parts, config, on_gpu)
     free = free_bytes if free_bytes is not None else free_memory(device)
     estimate = MemoryEstimate(
         device=device,
@@ -280,6 +264,25 @@ def estimate_memory(
     if suggest and estimate.verdict != "fits":
         estimate.suggestions = _suggestions(config, device, free)
     return estimate
+
+
+def _per_device(parts: dict[str, int], config: Config, on_gpu: bool) -> tuple[dict[str, int], int]:
+    """The parts as one GPU (or, on CPU, the machine) holds them in a multi-process run, and the process count."""
+    t = config.training
+    if t.distributed is Distributed.NONE:
+        return parts, 1
+    processes = max(1, resolve_num_processes(config))
+    if t.distributed is Distributed.FSDP:
+        # Full shard: each GPU holds 1/n of the weights, gradients and optimizer state (plus one layer
+        # gathered at a time); activations are per GPU as before.
+        return {name: int(v / processes) if name in _SHARDED else v for name, v in parts.items()}, processes
+    if not on_gpu:
+        # CPU DDP: every process is a full replica in the same RAM.
+        return {name: value * processes for name, value in parts.items()}, processes
+    return parts, processes
+
+
+_SHARDED = ("weights", "lora_adapters", "gradients", "optimizer_state")
 
 
 def _checkpoint_dtype_bytes(model_config) -> int:

@@ -11,15 +11,26 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import logging
 import math
 import re
 import string
+import threading
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import evaluate
 import torch
+
+from .data import prepare_data
+from .errors import ConfigError, JobCancelled
+from .inference import generate_reply, load_generation_model
+from .modeling import load_tokenizer
+from .report import write_report
+from .runs import Operation, RunDir, RunLock, load_run_config
 
 __all__ = [
     "shifted_answer_predictions",
@@ -35,13 +46,13 @@ __all__ = [
     "evaluate_run",
 ]
 
+log = logging.getLogger("autotuning")
+
 _METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
 def load_metric(name: str):
     """Load one of the evaluate metric modules shipped in autotuning/metrics (works offline)."""
-    import evaluate
-
     return evaluate.load(str(_METRICS_DIR / f"{name}.py"))
 
 
@@ -229,33 +240,77 @@ def generation_metrics(kind: str, samples: list[dict[str, Any]]) -> dict[str, fl
     return out
 
 
+def _describe_placement(model) -> str:
+    """'torch.float32 on cpu', 'torch.bfloat16 on cuda:0, 4-bit', ...: how a scored model was loaded."""
+    param = next(model.parameters())
+    quant = " 4-bit" if getattr(model, "is_loaded_in_4bit", False) else ""
+    quant = quant or (" 8-bit" if getattr(model, "is_loaded_in_8bit", False) else "")
+    dtype = getattr(model, "dtype", param.dtype)
+    return f"{dtype} on {param.device}{',' + quant if quant else ''}"
+
+
 def evaluate_run(
     run_dir: str | Path,
     generations: int = 5,
     max_new_tokens: int = 64,
     compare_base: bool = True,
-    tuned_answer_metrics: dict[str, Any] | None = None,
     rewrite_report: bool = True,
+    *,
+    hf_token: str = "",
+    locked: bool = False,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run on its held-out rows (same deterministic split), with generated answers.
 
     With ``compare_base`` the base model is scored on the same rows: every metric gets a ``base_`` twin,
-    so the gain from fine-tuning is visible in eval_results and predictions.jsonl. The training job passes
-    the answer-token metrics it just computed as ``tuned_answer_metrics`` so they are not computed twice,
-    and ``rewrite_report=False`` because it writes the report itself once the run is recorded as finished.
-    """
-    from .data import prepare_data
-    from .inference import generate_reply, load_generation_model
-    from .modeling import load_tokenizer
-    from .runs import RunDir, load_run_config
+    so the gain from fine-tuning is visible in eval_results and predictions.jsonl. Both models are loaded the
+    same way (precision, quantization, device: see ``inference.load_generation_model``) and scored by the same
+    code, so the difference between them is the fine-tune and nothing else; that is why the answer-token
+    metrics the training job computed on the model still in memory (under autocast) are computed again here.
 
+    The evaluation holds the run's lock (it waits for an export of the run, and refuses a run being trained)
+    unless ``locked``: the training job, which holds it already, passes that and ``rewrite_report=False``
+    (it writes the report itself once the run is finished). ``progress(fraction, what)`` is called after
+    each model load and each generated answer; ``cancel`` is checked between them. ``hf_token`` reads a
+    private base model or dataset again (a run's token is never saved with it).
+    """
     run = RunDir(run_dir)
-    config = load_run_config(run.path)
+    lock = RunLock(run.path, Operation.EVALUATE)
+    if not locked:
+        lock.acquire(
+            wait=True, cancel=cancel, on_wait=lambda owner: _say(progress, 0.0, "waiting for the run's export")
+        )
+    try:
+        config = load_run_config(run.path, hf_token)
+        results, samples, path = _evaluate_locked(
+            run, config, generations, max_new_tokens, compare_base, progress, cancel
+        )
+        if rewrite_report:
+            try:
+                write_report(run.path)
+            except Exception as exc:  # the results above are saved; the report is only a view of them
+                log.warning("could not rewrite the run report: %s", exc)
+    finally:
+        lock.release()
+    shown = ("prompt", "reference", "prediction", "base_prediction")
+    return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}
+
+
+def _say(progress: Callable[[float, str], None] | None, fraction: float, what: str) -> None:
+    if progress is not None:
+        progress(fraction, what)
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise JobCancelled("evaluation cancelled", "", "nothing was recorded; start it again when you want")
+
+
+def _evaluate_locked(run: RunDir, config, generations, max_new_tokens, compare_base, progress, cancel):
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
     if data.eval is None:
-        from .errors import ConfigError
-
         raise ConfigError(
             "this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0"
         )
@@ -272,16 +327,25 @@ def evaluate_run(
     ]
     models = [("", str(run.path))] + ([("base_", config.model.model_name)] if compare_base else [])
     results: dict[str, Any] = {}
+    placement: dict[str, str] = {}
+    steps, done = len(models) * (2 + len(rows)), 0
     for prefix, source in models:
+        name = "base model" if prefix else "fine-tuned model"
+        _check_cancel(cancel)
+        _say(progress, done / steps, f"loading the {name}")
         model, gen_tokenizer = load_generation_model(source, like=config if prefix else None)
-        if prefix == "" and tuned_answer_metrics:
-            scores = dict(tuned_answer_metrics)
-        else:
-            scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
-        for sample, row in zip(samples, rows):
+        placement[f"{prefix or 'tuned_'}model"] = _describe_placement(model)
+        done += 1
+        _say(progress, done / steps, f"answer-token metrics of the {name}")
+        scores = evaluate_answers(model, data.eval, tokenizer, config.training.per_device_eval_batch_size)
+        done += 1
+        for i, (sample, row) in enumerate(zip(samples, rows)):
+            _check_cancel(cancel)
+            _say(progress, done / steps, f"{name}: answer {i + 1}/{len(rows)}")
             sample[f"{prefix}prediction"] = generate_reply(
                 model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens
             )
+            done += 1
         view = [dict(s, prediction=s[f"{prefix}prediction"]) for s in samples]
         scores.update({f"gen_{k}": v for k, v in generation_metrics(kind, view).items()})
         results.update({f"{prefix}{k}": v for k, v in scores.items()})
@@ -290,15 +354,6 @@ def evaluate_run(
     tmp = run.path / ".predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     tmp.replace(run.path / "predictions.jsonl")
-    run.update(eval_results=results)
-    if rewrite_report:
-        try:
-            from .report import write_report
-
-            write_report(run.path)
-        except Exception as exc:  # the results above are saved; the report is only a view of them
-            import logging
-
-            logging.getLogger("autotuning").warning("could not rewrite the run report: %s", exc)
-    shown = ("prompt", "reference", "prediction", "base_prediction")
-    return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}
+    run.update(eval_results=results, evaluation_placement=placement)
+    _say(progress, 1.0, "done")
+    return results, samples, path

@@ -11,6 +11,8 @@ import socket
 import time
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+
 __all__ = ["hub_offline_requested", "hub_reachable"]
 
 _CACHE: dict[str, tuple[float, bool]] = {}
@@ -25,7 +27,6 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     """False when HF_HUB_OFFLINE is set or the Hub endpoint does not accept a TCP connection."""
     if hub_offline_requested():
         return False
-    from huggingface_hub import constants
 
     parsed = urlparse(constants.ENDPOINT)
     host = parsed.hostname or ""

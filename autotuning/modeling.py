@@ -1,305 +1,64 @@
-"""Tokenizer and model loading: builtin tiny models, Hub ids, local dirs; quantization; PEFT.
-
-The builtin models (``builtin:tiny-llama``, ``builtin:tiny-gpt2``, ``builtin:tiny-qwen2``) exist so
-that everything works offline: they are built on first use, deterministically, from a byte-level
-BPE tokenizer trained on the bundled sample datasets and a ~1M-parameter network (fixed-seed
-initialisation, then a few seconds of pretraining on the same text), then cached. Their hidden and intermediate sizes are multiples of 64 because
-bitsandbytes' 4-bit CPU kernels need every Linear input size to be a multiple of 64.
-"""
+"""Tokenizer and model loading: builtin tiny models (built by :mod:`autotuning.builtin`), packaged real models,
+Hub ids, local dirs; quantization; precision (and the CPU bf16 check); PEFT."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import list_repo_files, try_to_load_from_cache
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerFast,
+    set_seed,
+)
 
+from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX, CHATML_TEMPLATE, ensure_builtin_model, is_builtin
+from .concurrency import MODEL_LOADING
 from .config import Config, PeftType, Precision, Quantization
 from .errors import ConfigError, ModelError
 from .hub import hub_reachable
-from .resources import ASSETS
+from .packaged import ensure_packaged_model, is_packaged
+from .resources import cache_root
 
 __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_PREFIX",
     "CHATML_TEMPLATE",
+    "build_fallback_template",
     "cache_root",
     "is_builtin",
     "ensure_builtin_model",
     "resolve_model_path",
     "load_tokenizer",
     "load_model",
+    "load_pretrained",
     "apply_peft",
     "resolve_precision",
     "cpu_supports_bf16",
+    "cpu_bf16_kind",
+    "gpu_supports_bf16",
+    "check_cpu_bf16",
     "LoadedModel",
 ]
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
-# Bump when the recipe below changes, so cached copies are rebuilt.
-_BUILTIN_RECIPE_VERSION = "4"
-_ASSETS = ASSETS / "datasets"
-
-# ChatML with {% generation %} markers (TRL's assistant-only loss needs them) and no newline after
-# the assistant's <|im_end|>, so the trained answer ends exactly on the EOS token.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
-    "{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-_VOCAB_SIZE = 2048
-_HIDDEN = 128  # multiple of 64 (bitsandbytes 4-bit on CPU)
-_INTERMEDIATE = 256  # multiple of 64
-_LAYERS = 2
-_HEADS = 4
-_KV_HEADS = 2
-_CONTEXT = 1024
-
-
-@dataclass(frozen=True)
-class _BuiltinSpec:
-    architecture: str  # llama | gpt2 | qwen2
-    description: str
-
-
-BUILTIN_MODELS: dict[str, _BuiltinSpec] = {
-    "tiny-llama": _BuiltinSpec(
-        "llama", "Llama architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
-    ),
-    "tiny-gpt2": _BuiltinSpec(
-        "gpt2", "GPT-2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
-    ),
-    "tiny-qwen2": _BuiltinSpec(
-        "qwen2", "Qwen2 architecture, 2 layers, hidden 128 (~0.9M parameters), briefly pretrained"
-    ),
-}
-
-
-def cache_root() -> Path:
-    """Where builtin models are cached: $AUTOTUNING_CACHE, else ~/.cache/autotuning."""
-    env = os.environ.get("AUTOTUNING_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "autotuning"
-
-
-def is_builtin(model_name: str) -> bool:
-    return model_name.startswith(BUILTIN_PREFIX)
-
-
-def _builtin_spec(model_name: str) -> tuple[str, _BuiltinSpec]:
-    short = model_name[len(BUILTIN_PREFIX) :]
-    if short not in BUILTIN_MODELS:
-        names = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
-        raise ModelError(f"unknown builtin model '{model_name}'", "field 'model_name'", f"use one of: {names}")
-    return short, BUILTIN_MODELS[short]
-
-
-def _tokenizer_corpus() -> list[str]:
-    """All text of the bundled samples, in a fixed order: the tokenizer's training corpus."""
-    texts: list[str] = []
-
-    def collect(value: Any) -> None:
-        if isinstance(value, str):
-            texts.append(value)
-        elif isinstance(value, dict):
-            for key in sorted(value):
-                collect(value[key])
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
-
-    for path in sorted(_ASSETS.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                collect(json.loads(line))
-    return texts
-
-
-def _corpus_digest() -> str:
-    h = hashlib.sha256(_BUILTIN_RECIPE_VERSION.encode())
-    for path in sorted(_ASSETS.glob("*.jsonl")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token=None,
-        model_max_length=_CONTEXT,
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
-
-
-def _build_model(architecture: str, tokenizer) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
-
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vocab = len(tokenizer)
-    if architecture == "llama":
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            num_key_value_heads=_KV_HEADS,
-            max_position_embeddings=_CONTEXT,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    elif architecture == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            num_key_value_heads=_KV_HEADS,
-            max_position_embeddings=_CONTEXT,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    elif architecture == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_embd=_HIDDEN,
-            n_layer=_LAYERS,
-            n_head=_HEADS,
-            n_positions=_CONTEXT,
-            n_inner=None,  # the standard 4 x hidden: GGUF and keras-hub readers assume it
-            **ids,
-        )
-    else:  # pragma: no cover - guarded by BUILTIN_MODELS
-        raise ValueError(architecture)
-    torch.manual_seed(0)  # deterministic initialisation: the same weights on every machine
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-
-
-_PRETRAIN_STEPS = 120
-_PRETRAIN_BLOCK = 128
-_PRETRAIN_BATCH = 8
-
-
-def _pretrain(model: torch.nn.Module, tokenizer) -> float:
-    """A few seconds of causal-LM training on the bundled text, so the base model is not pure noise.
-
-    A randomly initialised output head keeps logits near uniform, and LoRA (which leaves the head frozen)
-    could then barely move the loss: fine-tuning demos and tests would show nothing. Fixed seed, fixed
-    thread count and fixed batch order make the result the same on every run of the same machine type.
-    """
-    ids: list[int] = []
-    for text in _tokenizer_corpus():
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    usable = len(ids) // _PRETRAIN_BLOCK * _PRETRAIN_BLOCK
-    blocks = torch.tensor(ids[:usable], dtype=torch.long).view(-1, _PRETRAIN_BLOCK)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
-    model.train()
-    loss = float("nan")
-    try:
-        for _ in range(_PRETRAIN_STEPS):
-            batch = blocks[torch.randint(0, blocks.shape[0], (_PRETRAIN_BATCH,), generator=generator)]
-            out = model(input_ids=batch, labels=batch)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return loss
-
-
-def ensure_builtin_model(model_name: str) -> Path:
-    """Build (once) and return the directory of a builtin tiny model and its tokenizer."""
-    short, spec = _builtin_spec(model_name)
-    target = cache_root() / "builtin" / f"{short}-{_corpus_digest()}"
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
-        return target
-    log.info("building %s (%s) into %s", model_name, spec.description, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{short}-", dir=target.parent))
-    try:
-        tokenizer = _train_tokenizer()
-        model = _build_model(spec.architecture, tokenizer)
-        final_loss = _pretrain(model, tokenizer)
-        (tmp / "autotuning_builtin.json").write_text(
-            json.dumps(
-                {
-                    "name": model_name,
-                    "description": spec.description,
-                    "recipe_version": _BUILTIN_RECIPE_VERSION,
-                    "pretrain_steps": _PRETRAIN_STEPS,
-                    "pretrain_final_loss": round(final_loss, 4),
-                },
-                indent=2,
-            )
-        )
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same build first; theirs is identical.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
 
 def resolve_model_path(model_name: str) -> str:
-    """A local directory for builtin models, otherwise the name unchanged (Hub id or path)."""
+    """A local directory for builtin and packaged models, otherwise the name unchanged (Hub id or path)."""
     if is_builtin(model_name):
         return str(ensure_builtin_model(model_name))
+    if is_packaged(model_name):
+        return str(ensure_packaged_model(model_name))
     return model_name
 
 
@@ -335,8 +94,6 @@ def _require_reachable(name: str, path: str) -> None:
     if Path(path).expanduser().exists() or hub_reachable():
         return
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return  # a cached copy loads offline
     except Exception:
@@ -346,7 +103,6 @@ def _require_reachable(name: str, path: str) -> None:
 
 def load_tokenizer(config: Config):
     """The tokenizer for ``config.model.model_name``, with a pad token and a chat template guaranteed."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     name = config.model.model_name
     path = resolve_model_path(name)
@@ -370,20 +126,90 @@ def load_tokenizer(config: Config):
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
-        log.warning("%s has no chat template; using a ChatML template (it is saved with the exported model)", name)
-        tokenizer.chat_template = CHATML_TEMPLATE
-        if "<|im_end|>" not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        kind, tokenizer.chat_template = build_fallback_template(tokenizer)
+        log.warning(
+            "%s has no chat template; using %s, built only on tokens it already has (saved with the exported model)",
+            name,
+            kind,
+        )
     return tokenizer
+
+
+def _is_special_token(tokenizer, text: str) -> bool:
+    """``text`` is one special token of this vocabulary (tokenised whole, never split into pieces)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        return False
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    return ids[0] in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
+def _plain_template(with_bos: bool) -> str:
+    """Plain-text turns; each answer ends with the EOS token, so training teaches the model to stop there.
+
+    The generation prompt ends with a newline, not a space: BPE vocabularies glue a space to the next word, so a
+    prompt ending in "Assistant: " would tokenise differently at inference than inside a trained conversation.
+    """
+    return (
+        ("{{- bos_token -}}" if with_bos else "") + "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{{- message['content'] + '\n\n' -}}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{- 'User:\n' + message['content'] + '\n\n' -}}"
+        "{%- else -%}"
+        "{{- 'Assistant:\n' -}}{% generation %}{{- message['content'] + eos_token -}}{% endgeneration %}"
+        "{%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'Assistant:\n' -}}{%- endif -%}"
+    )
+
+
+def build_fallback_template(tokenizer) -> tuple[str, str]:
+    """(what it is, template) for a tokenizer without a chat template, using only tokens it already has.
+
+    Adding tokens would need the embedding table resized and the new rows trained and saved; a template on
+    existing tokens needs neither. ChatML when ``<|im_start|>`` and ``<|im_end|>`` are special tokens of the
+    vocabulary (e.g. base models of instruct families); otherwise plain "User:" / "Assistant:" turns whose answers
+    end with the EOS token, starting with BOS when the tokenizer puts one before every text.
+    """
+    if _is_special_token(tokenizer, "<|im_start|>") and _is_special_token(tokenizer, "<|im_end|>"):
+        return "a ChatML template (its <|im_start|>/<|im_end|> tokens are in the vocabulary)", CHATML_TEMPLATE
+    if tokenizer.eos_token is None:
+        raise ModelError(
+            "the tokenizer has no chat template and no EOS token, so no answer could be taught where to stop",
+            "field 'model_name'",
+            "use a model whose tokenizer has an EOS token or a chat template",
+        )
+    bos = tokenizer.bos_token_id
+    with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    what = f"a plain-text template (answers end with {tokenizer.eos_token}{', BOS first' if with_bos else ''})"
+    return what, _plain_template(with_bos)
+
+
+def cpu_bf16_kind() -> str:
+    """The CPU's native bf16 hardware, which decides the kernels bf16 autocast runs on: 'amx_bf16+avx512_bf16',
+    'avx512_bf16', or 'none' (bf16 would be emulated in fp32, slower than fp32 itself)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(errors="ignore").split())
+    except OSError:
+        return "none"
+    return "+".join(name for name in ("amx_bf16", "avx512_bf16") if name in flags) or "none"
 
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512_BF16 or AMX): bf16 autocast is then faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_bf16_kind() != "none"
+
+
+def gpu_supports_bf16(device: int = 0) -> bool:
+    """True when the GPU computes bf16 natively: compute capability 8.0 or newer (Ampere, Hopper, ...).
+
+    ``torch.cuda.is_bf16_supported()`` is not the question to ask: on a T4 (7.5) or a V100 (7.0) it answers
+    True because bf16 can be *emulated*, which runs several times slower than fp16 on those cards.
+    """
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def resolve_precision(precision: Precision) -> str:
@@ -391,15 +217,67 @@ def resolve_precision(precision: Precision) -> str:
     cuda = torch.cuda.is_available()
     if precision is Precision.AUTO:
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if gpu_supports_bf16() else "fp16"
         return "bf16" if cpu_supports_bf16() else "fp32"
     if precision is Precision.FP16 and not cuda:
         raise ConfigError(
             "fp16 mixed precision needs a CUDA GPU", "field 'precision'", "use precision: auto, bf16 or fp32 on CPU"
         )
-    if precision is Precision.BF16 and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16", "field 'precision'", "use precision: fp16 or auto")
+    if precision is Precision.BF16 and cuda and not gpu_supports_bf16():
+        major, minor = torch.cuda.get_device_capability(0)
+        raise ConfigError(
+            f"this GPU ({torch.cuda.get_device_name(0)}, compute capability {major}.{minor}) has no native bf16 "
+            "(it needs 8.0 or newer; bf16 would be emulated, several times slower)",
+            "field 'precision'",
+            "use precision: fp16 or auto",
+        )
     return precision.value
+
+
+# bf16 autocast moved logits of real models by 1.7% (SmolLM2-135M) and 2.2% (Gemma 3 270M) of their largest value on
+# a CPU with AVX512-BF16, and the top-1 token at >= 94% of positions. A CPU whose bf16 kernels are broken gives
+# far more; 10% leaves a 4x margin over the worst figure measured.
+BF16_CHECK_MAX_RELATIVE = 0.10
+BF16_CHECK_MIN_TOP1 = 0.80
+
+
+@torch.no_grad()
+def check_cpu_bf16(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """Does bf16 autocast on this CPU compute what fp32 computes? One padded batch of real rows, both ways.
+
+    CPUs run bf16 through different kernels (AVX512-BF16 instructions, AMX tiles, or fp32 emulation), and a
+    model that trains on one set of kernels is evaluated, merged and exported in fp32. A forward pass of the
+    model itself on the run's own rows (padded, so the attention mask is exercised) shows whether the two agree;
+    ``ok`` False means train in fp32 instead.
+    """
+    rows = [r for r in rows if r][:2]
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        reference = model(input_ids=ids, attention_mask=mask).logits.float()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            low = model(input_ids=ids, attention_mask=mask).logits.float()
+    finally:
+        model.train(was_training)
+    keep = mask.bool()
+    scale = float(reference[keep].abs().max())
+    relative = float((reference - low)[keep].abs().max()) / max(scale, 1e-12)
+    top1 = float((reference.argmax(-1) == low.argmax(-1))[keep].float().mean())
+    ok = relative <= BF16_CHECK_MAX_RELATIVE and top1 >= BF16_CHECK_MIN_TOP1  # NaN fails both
+    return {
+        "max_relative_logit_diff": relative,
+        "top1_agreement": top1,
+        "max_relative_bound": BF16_CHECK_MAX_RELATIVE,
+        "min_top1": BF16_CHECK_MIN_TOP1,
+        "tokens": int(keep.sum()),
+        "ok": ok,
+    }
 
 
 def _compute_dtype(config: Config) -> torch.dtype:
@@ -412,13 +290,13 @@ def _check_4bit_shapes(path: str, config: Config) -> None:
     """bitsandbytes' CPU 4-bit kernels need Linear input sizes that are multiples of 64: fail before loading."""
     if torch.cuda.is_available():
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_cfg = AutoConfig.from_pretrained(
         path, token=config.model.hf_token or None, trust_remote_code=config.model.trust_remote_code
     )
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=config.model.trust_remote_code)
+        with MODEL_LOADING:  # transformers' load patches are process-wide (concurrency.py)
+            skeleton = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=config.model.trust_remote_code)
     bad = sorted(
         {
             f"{name} (in_features={module.in_features})"
@@ -449,8 +327,6 @@ def _has_pickle_weights(path: str, config: Config) -> bool:
         names = [p.name for p in local.iterdir()]
     else:
         try:
-            from huggingface_hub import list_repo_files
-
             names = list_repo_files(path, token=config.model.hf_token or None)
         except Exception:
             return False
@@ -461,18 +337,12 @@ def _has_pickle_weights(path: str, config: Config) -> bool:
 
 def load_model(config: Config, for_training: bool = True) -> LoadedModel:
     """Load the base model as configured: unquantized, or 4/8-bit with bitsandbytes."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name = config.model.model_name
     path = resolve_model_path(name)
     precision = resolve_precision(config.training.precision)
     quant = config.quantization.quantization
-    kwargs: dict[str, Any] = {
-        "token": config.model.hf_token or None,
-        "trust_remote_code": config.model.trust_remote_code,
-        # Pickled weights can execute code on load: safetensors only, unless the user opted in.
-        "use_safetensors": None if config.model.allow_pickle_weights else True,
-    }
+    kwargs: dict[str, Any] = {}
     cuda = torch.cuda.is_available()
     # Weights stay fp32 on CPU (autocast does the bf16 math); on GPU half-precision weights halve memory.
     if cuda and precision in ("bf16", "fp16") and config.peft.peft_type is not PeftType.NONE:
@@ -492,8 +362,27 @@ def load_model(config: Config, for_training: bool = True) -> LoadedModel:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if cuda:
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = load_pretrained(config, path, **kwargs)
+    if for_training and config.training.gradient_checkpointing:
+        model.config.use_cache = False
+    return LoadedModel(model=model, path=path, precision=precision)
+
+
+def load_pretrained(config: Config, path: str, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with the run's token and code/pickle settings, and errors a user can
+    act on (a missing library, pickle-only weights, a model that cannot be found)."""
+
+    name = config.model.model_name
+    kwargs = {
+        "token": config.model.hf_token or None,
+        "trust_remote_code": config.model.trust_remote_code,
+        # Pickled weights can execute code on load: safetensors only, unless the user opted in.
+        "use_safetensors": None if config.model.allow_pickle_weights else True,
+        **kwargs,
+    }
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with MODEL_LOADING:  # transformers' load patches are process-wide (concurrency.py)
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ConfigError:
         raise
     except ImportError as exc:
@@ -514,9 +403,6 @@ def load_model(config: Config, for_training: bool = True) -> LoadedModel:
                 "use a safetensors copy of the model, or set allow_pickle_weights: true if you trust its author",
             ) from None
         raise _hub_error(name, exc, "model") from None
-    if for_training and config.training.gradient_checkpointing:
-        model.config.use_cache = False
-    return LoadedModel(model=model, path=path, precision=precision)
 
 
 def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
@@ -524,7 +410,6 @@ def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     peft_type = config.peft.peft_type
     if peft_type is PeftType.NONE:
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.quantization.quantization is not Quantization.NONE:
         # Casts norms to fp32 and enables input grads so gradients flow through the frozen k-bit base.
@@ -533,7 +418,6 @@ def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         )
     # The adapters' random initialisation happens here, before the Trainer seeds anything: seed it, so the same
     # seed gives the same run.
-    from transformers import set_seed
 
     set_seed(config.training.seed)
     targets = config.peft.lora_target_modules

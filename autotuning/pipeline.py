@@ -1,8 +1,15 @@
-"""The facade a UI talks to: ``start(config) -> Run`` runs the job in a background thread.
+"""The facade a UI talks to: every operation on a run is a job started here.
 
-One job at a time per process: a second ``start`` while one runs raises :class:`BusyError` (a
-UserError with a clear message) and leaves the running job alone. A :class:`Run` is safe to poll
-from any thread: status, metric events since an index, the log tail, the error message.
+``start(config) -> Run`` runs the training job (on the thread serving the executor, else a background
+thread); ``export``, ``evaluate`` and ``load_model`` start a :class:`Task` in a thread of its own and
+return at once. Both kinds are safe to poll from any thread: status, progress (fraction and what is
+being done), the error message; a training :class:`Run` also has metric events and the log tail. UI
+handlers only start jobs and read their state.
+
+One training job at a time per process: a second ``start`` while one runs raises :class:`BusyError`
+and leaves the running job alone. Tasks run beside a training job: an export or evaluation of another
+run goes ahead at once; one of the run being trained is refused by the run's lock
+(:class:`autotuning.runs.RunLock`), and two exports of one run queue behind each other on it.
 
 Example::
 
@@ -10,43 +17,33 @@ Example::
     run = pipeline.start(config)
     events = run.events(0)        # poll with the count already drawn
     run.stop()                    # ends at the next step, saves a checkpoint, status "stopped"
+    task = pipeline.export(run.run_dir, ["gguf"])
+    task.progress()               # {"status": "running", "fraction": 0.5, "what": "exporting gguf (2/2)", ...}
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import UserError
-from .runs import default_run_name
-from .training.metrics import MetricsSink, read_metrics
+from .config import Config, Distributed
+from .errors import JobCancelled, UserError
+from .evaluation import evaluate_run
+from .export import export_run
+from .inference import ModelCache
+from .launcher import launch, prepare_launch
+from .recipe import JobResult, run_job
+from .runs import ACTIVE, MetricsSink, Operation, RunDir, RunLock, RunStatus, default_run_name, read_metrics
 
-__all__ = ["RunStatus", "Run", "Pipeline", "BusyError", "MainThreadExecutor"]
-
-
-class RunStatus(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    FINISHED = "finished"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.STOPPING)
+__all__ = ["RunStatus", "Run", "Task", "Pipeline", "BusyError", "MainThreadExecutor"]
 
 
 class BusyError(UserError):
@@ -145,9 +142,6 @@ class Run:
     # -- the thread -----------------------------------------------------------------
 
     def _target(self) -> None:
-        from .config import Distributed
-        from .job import run_job
-
         if self.config.training.distributed is not Distributed.NONE:
             return self._target_launched()
         handler = _ThreadLogHandler(threading.get_ident(), self.log_lines)
@@ -159,7 +153,7 @@ class Run:
             self._set_status(RunStatus.RUNNING)
         try:
             self.result = run_job(self.config, stop_event=self.stop_event, sink=self.sink, show_progress=False)
-            self._set_status(RunStatus.STOPPED if self.result.status == "stopped" else RunStatus.FINISHED)
+            self._set_status(RunStatus(self.result.status))
         except UserError as err:
             self.error = err.message
             self.log_lines.append(f"error: {err.message}")
@@ -186,10 +180,6 @@ class Run:
         Metrics come from the ``metrics.jsonl`` rank 0 writes (tailed into this run's sink, so the charts
         work as for a single-process run); the processes' output becomes the log tail.
         """
-        from .distributed import launch, prepare_launch
-        from .job import JobResult
-        from .runs import RunDir
-
         self.started_at = time.time()
         if self.status is RunStatus.QUEUED:
             self._set_status(RunStatus.RUNNING)
@@ -203,7 +193,7 @@ class Run:
             tail.stop()
             record = RunDir(plan.run_dir).read()
             status = record.get("status")
-            if status in ("finished", "stopped") and rc == 0:
+            if status in (RunStatus.FINISHED, RunStatus.STOPPED) and rc == 0:
                 self.result = JobResult(
                     status,
                     plan.run_dir,
@@ -211,7 +201,7 @@ class Run:
                     record.get("eval_results") or {},
                     record.get("exports") or {},
                 )
-                self._set_status(RunStatus.STOPPED if status == "stopped" else RunStatus.FINISHED)
+                self._set_status(RunStatus(status))
             else:
                 self.error = record.get("error") or (
                     f"the launched processes exited with status {rc}; see {plan.run_dir / 'train.log'}"
@@ -237,6 +227,86 @@ class Run:
             return
         self._thread = threading.Thread(target=self._target, name=f"autotuning-run-{self.id}", daemon=True)
         self._thread.start()
+
+
+class Task:
+    """A job on a run that is not training: an export, an evaluation, loading a model for chat.
+
+    ``fn(progress, cancel)`` does the work in a thread of its own; it reports ``progress(fraction, what)``
+    and checks ``cancel`` (a ``threading.Event``) where stopping early is safe. The functions it runs take
+    the run's lock themselves (``export_run``, ``evaluate_run``; chat loads through :meth:`Pipeline.load_model`).
+    """
+
+    def __init__(self, kind: Operation, run_dir: str | Path | None, fn: Callable[..., Any]):
+        self.id = uuid.uuid4().hex[:8]
+        self.kind = Operation(kind)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.cancel_event = threading.Event()
+        self.error = ""
+        self.result: Any = None
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self._fn = fn
+        self._status = RunStatus.QUEUED
+        self._fraction = 0.0
+        self._what = "queued"
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._target, name=f"autotuning-{self.kind}-{self.id}", daemon=True)
+
+    @property
+    def status(self) -> RunStatus:
+        with self._lock:
+            return self._status
+
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    def cancel(self) -> None:
+        """Ask the task to end at its next safe point (between exported formats, between generated answers)."""
+        self.cancel_event.set()
+        with self._lock:
+            if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                self._status = RunStatus.STOPPING
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def progress(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "id": self.id,
+                "kind": self.kind.value,
+                "status": self._status.value,
+                "fraction": self._fraction,
+                "what": self._what,
+                "error": self.error,
+                "run_dir": str(self.run_dir or ""),
+            }
+
+    def _report(self, fraction: float, what: str) -> None:
+        with self._lock:
+            self._fraction = max(0.0, min(1.0, float(fraction)))
+            self._what = what
+
+    def _target(self) -> None:
+        with self._lock:
+            self._status = RunStatus.RUNNING
+        try:
+            self.result = self._fn(self._report, self.cancel_event)
+            ended = RunStatus.FINISHED
+        except JobCancelled as err:
+            self.error, ended = err.message, RunStatus.STOPPED
+        except UserError as err:
+            self.error, ended = err.message, RunStatus.FAILED
+        except BaseException as exc:  # a bug: said plainly, with the traceback in the app's log
+            logging.getLogger("autotuning.trace").exception("%s task failed", self.kind)
+            self.error, ended = f"internal error ({type(exc).__name__}: {exc})", RunStatus.FAILED
+        with self._lock:
+            self._status = ended
+            if ended is RunStatus.FINISHED:
+                self._fraction, self._what = 1.0, "done"
+        self.finished_at = time.time()
 
 
 class _MetricsTail:
@@ -327,6 +397,7 @@ class Pipeline:
         self.executor = executor
         self._lock = threading.Lock()
         self._current: Run | None = None
+        self._tasks: OrderedDict[str, Task] = OrderedDict()
 
     @property
     def current(self) -> Run | None:
@@ -359,3 +430,51 @@ class Pipeline:
     def is_live(self, run_dir: str | Path) -> bool:
         current = self.current
         return current is not None and current.is_active() and Path(run_dir).resolve() == current.run_dir.resolve()
+
+    # -- tasks: every other operation on a run -------------------------------------------
+
+    def submit(self, kind: Operation, run_dir: str | Path | None, fn: Callable[..., Any]) -> Task:
+        """Start ``fn(progress, cancel)`` as a task and return at once (see :class:`Task`)."""
+        task = Task(kind, run_dir, fn)
+        with self._lock:
+            self._tasks[task.id] = task
+            finished = [k for k, t in self._tasks.items() if not t.is_active()]
+            for key in finished[: max(0, len(self._tasks) - 32)]:  # keep the last few ended ones for pollers
+                del self._tasks[key]
+        task._thread.start()
+        return task
+
+    def task(self, task_id: str) -> Task | None:
+        with self._lock:
+            return self._tasks.get(task_id)
+
+    def export(self, run_dir: str | Path, formats, gguf_type=None, hf_token: str = "") -> Task:
+        """Export a finished run as a task (waits behind another export of it; refused while it trains)."""
+        return self.submit(
+            Operation.EXPORT,
+            run_dir,
+            lambda progress, cancel: export_run(
+                run_dir, formats, gguf_type, hf_token=hf_token, progress=progress, cancel=cancel
+            ),
+        )
+
+    def evaluate(self, run_dir: str | Path, **options: Any) -> Task:
+        """``evaluation.evaluate_run`` as a task (base vs fine-tuned, generated answers)."""
+        return self.submit(
+            Operation.EVALUATE,
+            run_dir,
+            lambda progress, cancel: evaluate_run(run_dir, progress=progress, cancel=cancel, **options),
+        )
+
+    def load_model(self, models: ModelCache, source: str, like: Config | None = None) -> Task:
+        """Load a model for chat into ``models`` as a task: a run's merged/ under the run's lock, or a base model."""
+
+        def load(progress, cancel):
+            progress(0.0, f"loading {Path(source).name if Path(source).exists() else source}")
+            if (Path(source) / "config.yaml").is_file():  # a run: hold its lock while its files are read
+                waiting = lambda owner: progress(0.0, "waiting for the run's export to finish")  # noqa: E731
+                with RunLock(source, Operation.CHAT).acquire(wait=True, cancel=cancel, on_wait=waiting):
+                    return models.get(source, like=like)
+            return models.get(source, like=like)
+
+        return self.submit(Operation.CHAT, source if Path(source).exists() else None, load)

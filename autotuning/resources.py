@@ -7,9 +7,10 @@ package as ``autotuning/assets/`` (pyproject.toml maps one onto the other), beca
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["ASSETS", "find_assets"]
+__all__ = ["ASSETS", "find_assets", "cache_root"]
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -26,3 +27,12 @@ def find_assets(package_dir: Path = _PACKAGE_DIR) -> Path:
 
 
 ASSETS = find_assets()
+
+
+def cache_root() -> Path:
+    """Where builtin models are cached: $AUTOTUNING_CACHE, else ~/.cache/autotuning."""
+    env = os.environ.get("AUTOTUNING_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "autotuning"

@@ -1,18 +1,20 @@
-"""GGUF export time and peak memory for the ~110M Llama of bench/memory.py, to f16 and q8_0.
+"""GGUF conversion: ours (llama.cpp's converter called as a library) vs llama.cpp's own converter CLI.
 
-    python bench/gguf_export.py [--workdir DIR]
+    python bench/gguf_export.py [--model DIR] [--types f16,q8_0]
 
-A 1-step LoRA run makes the run directory (its merged/ export is the model); then each GGUF type is
-exported in a fresh process (write + the reload checks the export does), and that process reports its
-wall time and the growth of its peak RSS (VmHWM, reset just before) over what it held before the export. The last line is one
-JSON object; `peak_over_model` is that growth divided by the merged model's size on disk.
+Both convert the same model directory (default: SmolLM2-135M-Instruct, ``pkg:smollm2-135m-instruct``, built
+from its PyPI wheel on first use) to the same types, side by side in one run, each in a fresh process whose
+wall time and peak RSS (``ru_maxrss`` of that child) are measured by a separate measuring process. "ours" is
+``autotuning.export.gguf.write_gguf``; "cli" is ``python -m convert_hf_to_gguf DIR --outtype T --outfile F``.
+``ours_check`` adds what an export also does: the file run in llama.cpp and compared with the model. The last
+line is one JSON object with every figure and the ratios ours / cli.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,85 +23,108 @@ from pathlib import Path
 
 from common import print_result
 
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _export_in_process(run_dir: Path, gtype: str) -> dict:
-    from autotuning.export.gguf import export_gguf
-    from autotuning.modeling import load_tokenizer
-    from autotuning.runs import RunDir, load_run_config
-
-    run = RunDir(run_dir)
-    tokenizer = load_tokenizer(load_run_config(run.path))
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    before = _status_kib("VmRSS") * 1024
+def _measure(cmd: list[str]) -> dict:
+    """Run ``cmd`` as the only child of this process: its wall time and peak RSS."""
     started = time.perf_counter()
-    figures = export_gguf(run, tokenizer, gtype)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    peak = _status_kib("VmHWM") * 1024
-    return {
-        "type": gtype,
-        "seconds": round(seconds, 2),
-        "peak_growth_bytes": peak - before,
-        "bytes": Path(figures["path"]).stat().st_size,
-        "max_abs_logit_diff": figures.get("max_abs_logit_diff"),
-    }
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": round(seconds, 2), "peak_rss_bytes": peak_kib * 1024}
+
+
+def _ours(model: Path, out: Path, gtype: str, check: bool) -> None:
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer
+
+    from autotuning.export.gguf import verify_gguf, write_gguf
+
+    write_gguf(model, out, gtype)
+    if check:
+        figures = verify_gguf(out, model, gtype, AutoTokenizer.from_pretrained(model))
+        print(json.dumps({"status": figures["status"], "rel_logit_diff": figures.get("rel_logit_diff")}))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--types", default="f16,q8_0")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "autotuning-bench-gguf")
-    parser.add_argument("--type", help=argparse.SUPPRESS)
-    parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--ours", nargs=4, metavar=("MODEL", "OUT", "TYPE", "CHECK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.type:
-        print(json.dumps(_export_in_process(args.run, args.type)))
+    if args.measure:
+        print(json.dumps(_measure(args.measure)))
+        return 0
+    if args.ours:
+        _ours(Path(args.ours[0]), Path(args.ours[1]), args.ours[2], args.ours[3] == "1")
         return 0
 
-    from memory import build_llama_100m
+    sys.path.insert(0, str(REPO))
+    if args.model is None:
+        from autotuning.packaged import ensure_packaged_model
 
-    from autotuning.config import load_config
-    from autotuning.job import run_job
-
+        args.model = Path(ensure_packaged_model("pkg:smollm2-135m-instruct"))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = build_llama_100m(args.workdir / "llama-100m")
-    config = load_config(
-        None,
-        [
-            f"model_name={model}",
-            "dataset_path=sample",
-            "max_steps=1",
-            "eval_split=0",
-            f"output_dir={args.workdir / 'run'}",
-            "overwrite_output_dir=true",
-            "max_seq_length=128",
-        ],
-    )
-    run_dir = run_job(config, show_progress=False).run_dir
-    model_bytes = sum(p.stat().st_size for p in (run_dir / "merged").glob("*.safetensors"))
-    out = {"model_bytes": model_bytes}
-    for gtype in ("f16", "q8_0"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--type", gtype, "--run", str(run_dir)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    model_bytes = sum(p.stat().st_size for p in args.model.glob("*.safetensors"))
+    out: dict = {"model": str(args.model), "model_bytes": model_bytes}
+    for gtype in args.types.split(","):
+        runs = {
+            "cli": [
+                sys.executable,
+                "-m",
+                "convert_hf_to_gguf",
+                str(args.model),
+                "--outtype",
+                gtype,
+                "--outfile",
+                str(args.workdir / f"cli-{gtype}.gguf"),
+            ],
+            "ours": [
+                sys.executable,
+                __file__,
+                "--ours",
+                str(args.model),
+                str(args.workdir / f"ours-{gtype}.gguf"),
+                gtype,
+                "0",
+            ],
+            "ours_check": [
+                sys.executable,
+                __file__,
+                "--ours",
+                str(args.model),
+                str(args.workdir / f"check-{gtype}.gguf"),
+                gtype,
+                "1",
+            ],
+        }
+        for name, cmd in runs.items():
+            proc = subprocess.run([sys.executable, __file__, "--measure", *cmd], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[f"{gtype}_{name}_seconds"] = r["seconds"]
+            out[f"{gtype}_{name}_peak_rss_bytes"] = r["peak_rss_bytes"]
+            print(
+                f"{gtype} {name:10s} {r['seconds']:7.1f} s   peak RSS {r['peak_rss_bytes'] / 2**20:6.0f} MiB",
+                flush=True,
+            )
+        out[f"{gtype}_seconds_ratio_ours_over_cli"] = round(
+            out[f"{gtype}_ours_seconds"] / out[f"{gtype}_cli_seconds"], 2
         )
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-2000:])
-        r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-        print(
-            f"{gtype}: {r['seconds']} s, peak RSS +{r['peak_growth_bytes'] / 2**20:.0f} MiB, file {r['bytes'] / 2**20:.0f} MiB"
+        out[f"{gtype}_peak_ratio_ours_over_cli"] = round(
+            out[f"{gtype}_ours_peak_rss_bytes"] / out[f"{gtype}_cli_peak_rss_bytes"], 2
         )
-        out[f"{gtype}_seconds"] = r["seconds"]
-        out[f"{gtype}_peak_growth_bytes"] = r["peak_growth_bytes"]
-        out[f"{gtype}_peak_over_model"] = round(r["peak_growth_bytes"] / model_bytes, 2)
-        out[f"{gtype}_max_abs_logit_diff"] = r["max_abs_logit_diff"]
+        out[f"{gtype}_ours_peak_over_model"] = round(out[f"{gtype}_ours_peak_rss_bytes"] / model_bytes, 2)
+        same = (args.workdir / f"cli-{gtype}.gguf").stat().st_size == (
+            args.workdir / f"ours-{gtype}.gguf"
+        ).stat().st_size
+        out[f"{gtype}_same_size_as_cli"] = same
     print_result(out)
     return 0
 

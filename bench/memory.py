@@ -92,7 +92,7 @@ def measure(case: str, workdir: Path) -> dict:
     import torch
 
     from autotuning.estimate import estimate_memory
-    from autotuning.job import run_job
+    from autotuning.recipe import run_job
 
     config = _config(case, workdir)
     estimate = estimate_memory(config, suggest=False)

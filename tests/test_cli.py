@@ -45,11 +45,12 @@ def test_quickstart_train_offline(tmp_path):
     # Learning, not batch noise: the held-out loss after training is below the before-training baseline,
     # and the late training losses sit below the first one.
     assert [e["step"] for e in events if e["type"] == "eval"][0] == 0  # the before-training baseline
-    assert min(evals[1:]) < evals[0]
-    assert sum(losses[-5:]) / 5 < losses[0]
+    # The first curve a newcomer sees visibly falls: held-out loss down by a quarter or more (5.8 -> 3.0 measured).
+    assert evals[-1] < 0.75 * evals[0], evals
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["exports"]["torch"]["max_abs_logit_diff"] <= 1e-4
-    assert {"config.yaml", "metrics.jsonl", "eval_results.json", "checkpoints", "adapter", "merged", "run.json"} <= {
+    assert {"config.yaml", "metrics.jsonl", "eval_results.json", "checkpoints", "merged", "run.json"} <= {
         p.name for p in out.iterdir()
     }
     print(

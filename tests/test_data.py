@@ -148,7 +148,7 @@ def test_csv_missing_column(tmp_path):
     "conversation,needle",
     [
         ([{"role": "user", "content": "Hi"}], "no assistant turn"),
-        ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Yo"}], "'user' turn was expected"),
+        ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Yo"}], "no assistant turn that answers"),
         ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
         ([{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], "messages[0].content"),
     ],
@@ -165,6 +165,55 @@ def test_bad_conversations_name_the_turn(jsonl, conversation, needle):
             "chat",
         )
     assert needle in str(err.value) and "line 2" in str(err.value)
+
+
+# Two user turns in a row, a leading assistant turn, a system turn mid-conversation, two assistant turns in a row
+# and a trailing user turn: every case of the alternation rule (README, Data).
+NON_ALTERNATING = [
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "I have a question."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "system", "content": "From now on, answer in words."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six."},
+    {"role": "assistant", "content": "That is, six exactly."},
+    {"role": "user", "content": "Thanks!"},
+]
+REPAIRED = [
+    ("user", "I have a question.\n\nWhat is 2+2?"),
+    ("assistant", "4."),
+    ("user", "From now on, answer in words.\n\nAnd 3+3?"),
+    ("assistant", "Six.\n\nThat is, six exactly."),
+]
+
+
+def test_non_alternating_conversations_are_repaired_by_the_documented_rule(jsonl, caplog):
+    share_roles = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [{"from": share_roles[t["role"]], "value": t["content"]} for t in NON_ALTERNATING]
+    for path in (jsonl([{"messages": NON_ALTERNATING}]), jsonl([{"conversations": sharegpt}], "s.jsonl")):
+        with caplog.at_level("WARNING", logger="autotuning.data"):
+            _, rows, skipped = _normalise(path, "chat")
+        assert skipped == 0 and _turns(rows[0]) == REPAIRED
+        assert rows[0]["completion"] == [{"role": "assistant", "content": REPAIRED[-1][1]}]  # what evaluation asks for
+        assert "turn_fixes" not in rows[0]  # counted, then removed from the normalised schema
+    message = caplog.records[-1].getMessage()
+    assert "1 conversations did not alternate" in message
+    for count in ("system as user: 1", "leading assistant dropped: 1", "joined: 3", "trailing user dropped: 1"):
+        assert count in message
+
+
+def test_turn_fixes_are_in_the_data_stats(jsonl):
+    ok = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = jsonl([{"messages": NON_ALTERNATING}, {"messages": ok}, {"messages": ok + ok[-1:]}])
+    data = _prepare(path, "builtin:tiny-llama", fine_tuning_type="chat", eval_split=0)
+    assert data.stats["turn_fixes"] == {
+        "rows": 2,
+        "leading_assistant_dropped": 1,
+        "joined": 4,
+        "system_as_user": 1,
+        "trailing_user_dropped": 1,
+    }
 
 
 def test_skip_bad_rows_counts_them(jsonl):

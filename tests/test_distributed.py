@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
+import threading
 import time
 
 import pytest
 import torch
 import yaml
 
+import autotuning.config as config_module
 from autotuning.cli import main
-from autotuning.config import ConfigError, load_config, quickstart_overrides
-from autotuning.distributed import build_accelerate_config, check_distributed, transformer_layer_class
-from autotuning.job import run_job
+from autotuning.config import Config, ConfigError, ModelConfig, load_config, quickstart_overrides
+from autotuning.distributed import check_distributed
+from autotuning.launcher import LaunchPlan, build_accelerate_config, launch, transformer_layer_class
 from autotuning.modeling import resolve_model_path
 from autotuning.pipeline import Pipeline, RunStatus
-from autotuning.training import read_metrics
+from autotuning.recipe import run_job
+from autotuning.runs import read_metrics
 
 
 def _quick(tmp_path, *sets: str):
@@ -109,6 +113,21 @@ def test_fsdp_accelerate_config_names_the_models_layer_class():
     assert transformer_layer_class(resolve_model_path("builtin:tiny-qwen2")) == "Qwen2DecoderLayer"
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_gradient_checkpointing_is_fsdps_own_under_fsdp_and_the_trainers_otherwise(mode, tmp_path):
+    """transformers raises on FSDP activation checkpointing and Trainer gradient checkpointing together: use one."""
+    from autotuning.training import build_sft_config
+
+    config = load_config(None, [f"distributed={mode}", "num_processes=2", "gradient_checkpointing=true"])
+    args = build_sft_config(config, tmp_path, "fp32", has_eval=False, show_progress=False)
+    if mode == "fsdp":
+        accelerate = build_accelerate_config(config, resolve_model_path("builtin:tiny-llama"), 2)
+        assert accelerate["fsdp_config"]["fsdp_activation_checkpointing"] is True
+        assert args.gradient_checkpointing is False
+    else:
+        assert args.gradient_checkpointing is True
+
+
 def test_seed_fsdp_flag_is_distributed_fsdp():
     assert load_config(None, ["fsdp=true"]).training.distributed.value == "fsdp"
     with pytest.raises(ConfigError, match="fsdp"):
@@ -139,3 +158,22 @@ def test_fsdp_two_gpus_trains_and_exports(tmp_path, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "finished"
     assert record["exports"]["torch"]["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "lent,typed,seen",
+    [
+        (False, "", "- -"),  # the app: a session without a token gets none, not the server's
+        (False, "hf_visitor", "hf_visitor -"),  # the app: the session's own token
+        (True, "", "hf_server_owner hf_server_owner"),  # the CLI (or --lend-hf-token): the owner's, as before
+    ],
+)
+def test_workers_get_the_sessions_token_never_the_servers(monkeypatch, tmp_path, lent, typed, seen):
+    monkeypatch.setitem(config_module._ENVIRONMENT_TOKEN, "lent", lent)
+    monkeypatch.setenv("HF_TOKEN", "hf_server_owner")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_server_owner")
+    show = "import os; print(os.environ.get('HF_TOKEN', '-'), os.environ.get('HUGGING_FACE_HUB_TOKEN', '-'))"
+    plan = LaunchPlan(tmp_path, tmp_path / "accelerate_config.yaml", [sys.executable, "-c", show], 1)
+    lines: list[str] = []
+    assert launch(plan, Config(model=ModelConfig(hf_token=typed)), threading.Event(), on_output=lines.append) == 0
+    assert lines == [seen]

@@ -6,8 +6,16 @@ import re
 from pathlib import Path
 
 from autotuning.config import iter_fields
-from autotuning.config_docs import END, REGENERATE, START, render_config_table, replace_between_markers
-from autotuning.export.gguf import SUPPORTED_GGUF_ARCHITECTURES
+from autotuning.config_docs import (
+    END,
+    GGUF_END,
+    GGUF_START,
+    REGENERATE,
+    START,
+    render_config_table,
+    replace_between_markers,
+)
+from autotuning.export.gguf import TESTED_ARCHITECTURES, converter_architectures, render_gguf_architectures
 from autotuning.export.tensorflow import SUPPORTED_TF_ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +48,13 @@ def _row(format_name: str) -> str:
     return row
 
 
+def test_readme_gguf_architectures_come_from_the_converter():
+    fresh = replace_between_markers(README, render_gguf_architectures(), GGUF_START, GGUF_END)
+    assert fresh == README, f"README.md's GGUF architecture list is stale: regenerate it with `{REGENERATE}`"
+    assert set(TESTED_ARCHITECTURES) <= set(converter_architectures())
+
+
 def test_supported_architectures_table_matches_the_exporters():
-    for name in SUPPORTED_GGUF_ARCHITECTURES:
-        assert re.search(rf"\b{name}\b", _row("gguf").split("|")[2]), f"gguf: {name} missing from the README table"
     for name in SUPPORTED_TF_ARCHITECTURES:
         assert re.search(rf"\b{name}\b", _row("tensorflow").split("|")[2]), f"tensorflow: {name} missing"
 
@@ -78,3 +90,14 @@ def test_architecture_names_every_module():
         elif rel not in ARCHITECTURE:
             missing.append(rel)
     assert not missing, f"docs/ARCHITECTURE.md does not mention {missing}"
+
+
+def test_readme_tested_with_table_is_rendered_from_the_recorded_runs():
+    from autotuning.tested_with import END as TW_END
+    from autotuning.tested_with import START as TW_START
+    from autotuning.tested_with import load_records, render_table
+
+    fresh = replace_between_markers(README, render_table(load_records()), TW_START, TW_END)
+    assert fresh == README, (
+        "README.md's Tested-with table differs from docs/tested_with.json: python -m autotuning.tested_with --write"
+    )

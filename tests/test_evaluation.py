@@ -136,9 +136,17 @@ def test_csv_puts_base_and_tuned_side_by_side(tmp_path):
 
 
 def test_tiny_model_memorises_qa_rows_tuned_exact_match_beats_base(tmp_path, jsonl):
-    """Trained on a handful of repeated QA rows, the tuned model answers them; the base does not."""
+    """Trained on a handful of repeated QA rows, the tuned model answers them; the base does not.
+
+    It trains in fp32: the subject is learning, not the CPU's bf16 kernels. With bf16 autocast at 3e-3 the same
+    test got 0/8 on an Intel Xeon with AMX-BF16 and 5/8 on an AMD EPYC (AVX512-BF16), where every oneDNN ISA cap
+    (AVX512_CORE, AVX2, SSE41) also gave 5/8, so only the AMX kernels differed; higher rates learned better, so
+    3e-3 was not at the edge of divergence, and greedy generation is deterministic. Users are guarded by the
+    bf16 self-check before training (modeling.check_cpu_bf16). 6e-3 in fp32 memorises the four facts (7/8 to
+    8/8 over seeds 1, 2, 3, 42).
+    """
     from autotuning.config import load_config
-    from autotuning.job import run_job
+    from autotuning.recipe import run_job
 
     facts = [
         ("Who wrote the letter?", "Mara"),
@@ -154,7 +162,8 @@ def test_tiny_model_memorises_qa_rows_tuned_exact_match_beats_base(tmp_path, jso
         "output_dir": tmp_path / "run",
         "peft_type": "none",
         "max_steps": 60,
-        "learning_rate": 3e-3,
+        "learning_rate": 6e-3,
+        "precision": "fp32",
         "warmup_ratio": 0,
         "per_device_train_batch_size": 8,
         "max_seq_length": 256,
@@ -168,7 +177,7 @@ def test_tiny_model_memorises_qa_rows_tuned_exact_match_beats_base(tmp_path, jso
     with (result.run_dir / "eval_results.csv").open(encoding="utf-8") as fh:
         rows = {r["metric"]: r for r in csv.DictReader(fh)}
     tuned, base = float(rows["gen_exact_match"]["tuned"]), float(rows["gen_exact_match"]["base"])
-    assert tuned > base, rows["gen_exact_match"]
+    assert tuned >= 0.75 and tuned > base, rows["gen_exact_match"]
     assert float(rows["gen_f1"]["tuned"]) > float(rows["gen_f1"]["base"])
     assert float(rows["eval_loss"]["tuned"]) < float(rows["eval_loss"]["base"])
     predictions = [json.loads(line) for line in (result.run_dir / "predictions.jsonl").read_text().splitlines()]

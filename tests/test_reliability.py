@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from autotuning.config import load_config
-from autotuning.job import run_job
-from autotuning.runs import RunDir, list_runs
-from autotuning.training import MetricsSink, read_metrics
+from autotuning.recipe import run_job
+from autotuning.runs import MetricsSink, RunDir, list_runs, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +162,7 @@ def test_concurrent_readers_never_see_a_torn_run_record(tmp_path):
 
 def test_the_app_trains_on_the_thread_that_serves_its_executor(tmp_path, monkeypatch):
     """`python app.py` gives its main thread to training (faster on a CPU): the job waits for it, runs on it."""
-    import autotuning.job as job
+    import autotuning.pipeline as job
     from autotuning.config import load_config, quickstart_overrides
     from autotuning.pipeline import MainThreadExecutor, Pipeline, RunStatus
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from autotuning.config import ConfigError, FineTuningType, load_config
-from autotuning.job import run_job
-from autotuning.training import MetricsSink, read_metrics
+from autotuning.recipe import run_job
+from autotuning.runs import MetricsSink, read_metrics
 
 # QA and RAG prompts carry passages: the tiny tokenizer needs ~750 tokens for the longest.
 _SEQ = {FineTuningType.QA: 512, FineTuningType.RAG: 768}
@@ -145,7 +145,7 @@ def test_out_of_memory_retries_with_a_smaller_batch_then_checkpointing(tmp_path,
     """An injected OOM: batch 4 -> 2 -> 1 (accumulation 1 -> 2 -> 4), then gradient checkpointing; same effective batch."""
     from transformers import TrainerCallback
 
-    import autotuning.training as training
+    import autotuning.recipe as recipe
 
     seen = []
 
@@ -157,13 +157,13 @@ def test_out_of_memory_retries_with_a_smaller_batch_then_checkpointing(tmp_path,
             if state.global_step == 2 and not args.gradient_checkpointing:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
 
-    real_build = training.build_trainer
+    real_build = recipe.build_trainer
 
     def build_with_injection(*args, **kwargs):
         kwargs["callbacks"] = [*kwargs["callbacks"], InjectOOM()]
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(training, "build_trainer", build_with_injection)
+    monkeypatch.setattr(recipe, "build_trainer", build_with_injection)
     sink = MetricsSink()
     config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=6, eval_split=0, logging_steps=1)
     result = run_job(config, sink=sink, show_progress=False)
@@ -182,6 +182,40 @@ def test_out_of_memory_retries_with_a_smaller_batch_then_checkpointing(tmp_path,
     steps = [e["step"] for e in read_metrics(result.run_dir / "metrics.jsonl") if e.get("type") == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert "out of memory at step 2" in (result.run_dir / "train.log").read_text()
+
+
+def test_an_out_of_memory_retry_frees_the_failed_model_before_loading_the_next(tmp_path, monkeypatch):
+    """After an OOM with no checkpoint yet, the retry reloads the weights: the failed attempt's model is gone by
+    then (the traceback's frames freed outside the except block, the job's own references dropped)."""
+    import gc
+
+    from transformers import PreTrainedModel, TrainerCallback
+
+    import autotuning.recipe as recipe
+
+    class InjectOOM(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and args.per_device_train_batch_size == 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    real_build, real_load = recipe.build_trainer, recipe.load_model
+    resident = []
+
+    def build_with_injection(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs["callbacks"], InjectOOM()]
+        return real_build(*args, **kwargs)
+
+    def counting_load(*args, **kwargs):
+        gc.collect()
+        resident.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "build_trainer", build_with_injection)
+    monkeypatch.setattr(recipe, "load_model", counting_load)
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=3, eval_split=0, logging_steps=1)
+    result = run_job(config.replace(peft_type="lora", save_steps=100), show_progress=False)
+    assert result.status == "finished" and result.global_step == 3
+    assert resident == [0, 0]  # the first load, and the retry's: no model of the failed attempt left alive
 
 
 def test_token_never_reaches_the_run_directory(tmp_path, monkeypatch):
@@ -295,3 +329,21 @@ def test_default_batches_are_not_padded_to_max_seq_length(tmp_path, jsonl):
     shuffled, _ = padding(group_by_length=False)
     assert widest < 1024  # the longest sample row is far shorter than max_seq_length: no padding up to it
     assert grouped < 0.5 * shuffled, (grouped, shuffled)
+
+
+def test_auto_precision_falls_back_to_fp32_when_this_cpus_bf16_is_off(tmp_path, monkeypatch):
+    """precision: auto picks bf16 on a CPU with bf16 instructions only if the model computes the same with it."""
+    import autotuning.modeling as modeling
+    import autotuning.recipe as recipe
+
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    real_check = modeling.check_cpu_bf16
+    monkeypatch.setattr(  # where the recipe looks it up
+        recipe, "check_cpu_bf16", lambda *a, **k: {**real_check(*a, **k), "max_relative_logit_diff": 0.9, "ok": False}
+    )
+    config = _config(tmp_path, FineTuningType.INSTRUCTION, max_steps=2, eval_split=0, eval_generations=0)
+    result = run_job(config, show_progress=False)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert result.status == "finished" and run["precision"] == "fp32"
+    assert run["precision_check"]["ok"] is False and run["precision_check"]["precision"] == "fp32"
+    assert "training in fp32 instead" in (result.run_dir / "train.log").read_text()

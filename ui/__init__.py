@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+import torch
 
 from autotuning.resources import ASSETS
 
 from . import chat_tab, config_tab, dataset_tab, evaluate_tab, export_tab, runs_tab, train_tab
 from .context import AppContext
 from .hardware import hardware_notice
+from .identity import build_login
 from .run_picker import finished_runs_update
 
 __all__ = ["build_app", "AppContext", "ASSETS", "theme"]
@@ -21,7 +23,6 @@ def theme() -> gr.themes.Base:
 
 
 def _cuda_available() -> bool:
-    import torch
 
     return torch.cuda.is_available()
 
@@ -35,6 +36,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             f'<div class="at-header">{logo}<div><h1>autotuning</h1>'
             "<p>Fine-tune causal language models with LoRA: data, training, evaluation, verified exports.</p></div></div>"
         )
+        build_login(os.environ)  # a Space with OAuth only: visitors then read the Hub as themselves
         notice = hardware_notice(os.environ, _cuda_available())
         if notice:  # a Space on a CPU: say up front what needs a GPU
             gr.Markdown(notice, elem_id="hardware-notice", elem_classes=["at-notice"])
@@ -59,9 +61,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         config_tab.wire(ctx, form, config_parts)
         dataset_tab.wire(ctx, form, dataset_parts)
         train_tab.wire(ctx, form, train_parts)
-        evaluate_tab.wire(ctx, evaluate_parts)
-        export_tab.wire(ctx, export_parts)
-        chat_tab.wire(ctx, chat_parts)
+        evaluate_tab.wire(ctx, evaluate_parts, form["hf_token"])
+        export_tab.wire(ctx, export_parts, form["hf_token"])
+        chat_tab.wire(ctx, chat_parts, form["hf_token"])
         runs_tab.wire(ctx, runs_parts)
 
         # A (re)loaded page shows fresh run lists.

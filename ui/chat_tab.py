@@ -6,9 +6,11 @@ import gradio as gr
 
 from autotuning.errors import UserError
 from autotuning.inference import generate_reply
-from autotuning.runs import load_run_config
+from autotuning.runs import RunStatus, load_run_config
 
 from .context import AppContext
+from .form import session_token
+from .identity import login_token
 from .run_picker import build_run_picker
 
 __all__ = ["build", "wire", "reply_both"]
@@ -43,12 +45,18 @@ def reply_both(
     base_history: list,
     max_new_tokens: int,
     temperature: float,
+    hf_token: str = "",
 ):
-    """Append the user's message and each model's reply to both histories."""
-    config = load_run_config(run_dir)
+    """Append the user's message and each model's reply to both histories.
+
+    Both models load through the pipeline (a chat task: the run's merged model under the run's lock, so never
+    half-written by an export), with the session's token for a private base model; replies sample from a
+    generator of their own, so a training job running beside the chat is not disturbed.
+    """
+    config = load_run_config(run_dir, hf_token)
     out = []
     for source, history in ((run_dir, tuned_history), (config.model.model_name, base_history)):
-        model, tokenizer = ctx.models.get(source, like=config if source != run_dir else None)
+        model, tokenizer = load_for_chat(ctx, source, config if source != run_dir else None)
         messages = [{"role": m["role"], "content": m["content"]} for m in history] + [
             {"role": "user", "content": message}
         ]
@@ -59,6 +67,15 @@ def reply_both(
     return out[0], out[1]
 
 
+def load_for_chat(ctx: AppContext, source: str, like=None):
+    """(model, tokenizer) from the app's model cache, loaded as a pipeline task; a UserError if it fails."""
+    task = ctx.pipeline.load_model(ctx.models, source, like)
+    task.wait()
+    if task.status is not RunStatus.FINISHED:
+        raise UserError(task.error or "the model could not be loaded", source, "pick another run")
+    return task.result
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -67,9 +84,10 @@ def _text(content) -> str:
     return str(content)
 
 
-def wire(ctx: AppContext, parts: dict) -> None:
+def wire(ctx: AppContext, parts: dict, hf_token: gr.Textbox) -> None:
+    """``hf_token`` is the Model & config tab's token field: the base model may be private."""
 
-    def on_send(run_dir, message, tuned, base, max_new_tokens, temperature):
+    def on_send(run_dir, message, tuned, base, max_new_tokens, temperature, typed_token, login: gr.OAuthToken | None):
         if not run_dir:
             raise gr.Error("Pick a finished run first.")
         if not (message or "").strip():
@@ -77,8 +95,9 @@ def wire(ctx: AppContext, parts: dict) -> None:
         tuned = [{"role": m["role"], "content": _text(m["content"])} for m in (tuned or [])]
         base = [{"role": m["role"], "content": _text(m["content"])} for m in (base or [])]
         try:
+            token = session_token(typed_token, login_token(login))
             tuned, base = reply_both(
-                ctx, run_dir, message.strip(), tuned, base, int(max_new_tokens), float(temperature)
+                ctx, run_dir, message.strip(), tuned, base, int(max_new_tokens), float(temperature), token
             )
         except UserError as err:
             raise gr.Error(err.message) from None
@@ -91,6 +110,7 @@ def wire(ctx: AppContext, parts: dict) -> None:
         parts["base"],
         parts["max_new_tokens"],
         parts["temperature"],
+        hf_token,
     ]
     outputs = [parts["tuned"], parts["base"], parts["message"]]
     parts["send"].click(on_send, inputs=inputs, outputs=outputs)

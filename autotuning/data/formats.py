@@ -4,9 +4,14 @@ The normalised schema is TRL's conversational prompt/completion format plus what
 needs::
 
     {"prompt": [{"role": "system"|"user"|"assistant", "content": str}, ...],   # ends with a user turn
-     "completion": [{"role": "assistant", "content": str}],                      # the answer: the only trained tokens
+     "completion": [{"role": "assistant", "content": str}],                      # the last answer
      "references": [str, ...],                                                   # every acceptable answer
      "choices": [str, ...]}                                                      # multiple-choice options, or []
+
+Evaluation asks for the completion given the prompt; training learns every assistant turn of prompt +
+completion (or only the completion with ``trained_turns: last``). Conversations are made to alternate by
+:func:`make_alternating`'s documented rule; a row it changed carries ``"turn_fixes": {rule: count}``, which
+:func:`autotuning.data.normalise_rows` removes and totals for the log and the data stats.
 
 Each format is a small converter registered in :data:`FORMATS`; each fine-tuning type lists the
 formats it accepts in :data:`ACCEPTED_FORMATS`.
@@ -14,6 +19,7 @@ formats it accepts in :data:`ACCEPTED_FORMATS`.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +27,19 @@ from typing import Any
 from ..config import FineTuningType
 from ..errors import DataError
 
-__all__ = ["Format", "FORMATS", "ACCEPTED_FORMATS", "RowError", "detect_format", "normalise_row", "build_user_prompt"]
+__all__ = [
+    "Format",
+    "FORMATS",
+    "ACCEPTED_FORMATS",
+    "RowError",
+    "TURN_FIXES",
+    "detect_format",
+    "make_alternating",
+    "normalise_row",
+    "build_user_prompt",
+]
+
+TURN_FIXES = "turn_fixes"  # key of a normalised row whose conversation make_alternating changed
 
 
 class RowError(ValueError):
@@ -30,6 +48,14 @@ class RowError(ValueError):
     def __init__(self, message: str, field: str):
         super().__init__(message)
         self.field = field
+
+    def at(self, where: str) -> DataError:
+        """The user's error for this row: the field and what is wrong with it, ``where`` the file and row."""
+        return DataError(
+            f"field '{self.field}' {self}",
+            where,
+            "fix or remove that row (or set skip_bad_rows: true to skip bad rows)",
+        )
 
 
 def _text(row: dict, key: str, *, required: bool = True) -> str:
@@ -72,7 +98,6 @@ def _choices(row: dict, key: str = "choices") -> list[str]:
         return []
     if isinstance(value, str):
         # CSV exports often hold a list as text: "['a', 'b']" or "a|b".
-        import ast
 
         try:
             parsed = ast.literal_eval(value)
@@ -165,6 +190,7 @@ _SHAREGPT_ROLES = {
 
 
 def _normalise_turns(turns: Any, column: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    """Validate every turn (role known, content text) and map roles onto system/user/assistant; order is kept."""
     if not isinstance(turns, list) or not turns:
         raise RowError("must be a non-empty list of turns", column)
     out: list[dict] = []
@@ -182,32 +208,75 @@ def _normalise_turns(turns: Any, column: str, role_key: str, content_key: str, r
         if not isinstance(content, str) or not content.strip():
             raise RowError("is empty or not text", f"{where}.{content_key}")
         out.append({"role": roles[raw_role], "content": content.strip()})
-    # Order: an optional system turn first, then user/assistant strictly alternating from a user turn.
-    body = out[1:] if out[0]["role"] == "system" else out
-    for i, turn in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if turn["role"] != expected:
-            index = i + (len(out) - len(body))
-            raise RowError(
-                f"is a '{turn['role']}' turn where a '{expected}' turn was expected (turns must alternate "
-                "user/assistant after an optional first system turn)",
-                f"{column}[{index}]",
-            )
     return out
 
 
+def make_alternating(turns: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Turns in the order every chat template accepts: an optional system turn, then user/assistant alternating
+    from a user turn and ending on an assistant turn. Returns (turns, what was changed: counts by rule).
+
+    Real conversations do not always alternate, and templates such as Gemma's raise on those that do not, so
+    instead of rejecting the row this rule repairs it, in this order:
+
+    1. system turns at the start are joined into one system turn; a system turn later in the conversation
+       becomes a user turn where it stands (``system_as_user``): it is an instruction given at that point, and
+       templates only accept a system turn first;
+    2. assistant turns before the first user turn are dropped (``leading_assistant_dropped``): they answer
+       nothing;
+    3. consecutive turns of the same role are joined into one turn, their contents separated by a blank line
+       (``joined``: turns merged into the one before them);
+    4. user turns after the last assistant turn are dropped (``trailing_user_dropped``): nothing answers them.
+
+    A conversation left with no assistant turn raises :class:`RowError` (nothing to learn from).
+
+    >>> make_alternating([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+    ...                   {"role": "assistant", "content": "c"}])[0][0]["content"]
+    'a\\n\\nb'
+    """
+    fixes = {"system_as_user": 0, "leading_assistant_dropped": 0, "joined": 0, "trailing_user_dropped": 0}
+    out: list[dict] = []
+    for turn in turns:
+        role = turn["role"]
+        if role == "system" and any(t["role"] != "system" for t in out):
+            role = "user"
+            fixes["system_as_user"] += 1
+        if role == "assistant" and not any(t["role"] == "user" for t in out):
+            fixes["leading_assistant_dropped"] += 1
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + turn["content"]}
+            fixes["joined"] += 1
+            continue
+        out.append({"role": role, "content": turn["content"]})
+    while out and out[-1]["role"] != "assistant":
+        if out[-1]["role"] == "user":
+            fixes["trailing_user_dropped"] += 1
+        out.pop()
+    return out, {name: n for name, n in fixes.items() if n}
+
+
 def _split_last_answer(turns: list[dict], column: str) -> dict:
+    """The normalised row of a conversation: the last assistant turn is the completion, the turns before it the
+    prompt (earlier assistant turns are trained too unless ``trained_turns: last``; see encoding.py)."""
     if not any(t["role"] == "assistant" for t in turns):
         raise RowError("has no assistant turn to learn from", column)
-    while turns[-1]["role"] != "assistant":  # a trailing unanswered user turn teaches nothing
-        turns = turns[:-1]
+    turns, fixes = make_alternating(turns)
+    if not turns:
+        raise RowError(
+            "has no assistant turn that answers a user turn (assistant turns before the first user turn answer "
+            "nothing and are dropped)",
+            column,
+        )
     answer = turns[-1]["content"]
-    return {
+    example = {
         "prompt": turns[:-1],
         "completion": [{"role": "assistant", "content": answer}],
         "references": [answer],
         "choices": [],
     }
+    if fixes:
+        example[TURN_FIXES] = fixes
+    return example
 
 
 def _convert_messages(row: dict, kind: FineTuningType) -> dict:

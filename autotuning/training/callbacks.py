@@ -9,7 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .metrics import MetricsSink
+from ..distributed import stop_requested_everywhere
+from ..runs.events import MetricsSink
 
 __all__ = ["MetricsCallback", "StopCallback", "FinalCheckpointCallback"]
 
@@ -79,8 +80,6 @@ class StopCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         local = self.stop_event.is_set() or (self.stop_file is not None and self.stop_file.exists())
         if self.stop_file is not None:
-            from ..distributed import stop_requested_everywhere
-
             local = stop_requested_everywhere(local, args.device)
         if local:
             control.should_training_stop = True

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+import datasets
 import torch
+from peft.helpers import disable_input_dtype_casting
+from transformers import EarlyStoppingCallback, Trainer
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging as hf_logging
+from trl import SFTConfig, SFTTrainer
 
-from ..config import Config
+from ..config import Config, Distributed
 
-__all__ = ["build_sft_config", "build_trainer", "last_checkpoint", "resume_checkpoint", "use_model_loss"]
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["build_sft_config", "build_trainer", "use_model_loss"]
 
 
 def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
-    from trl import SFTConfig
 
     t = config.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps > 0) else None
@@ -39,7 +41,9 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         # TRL defaults bf16=True and gradient checkpointing on, even on CPU: set both explicitly.
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
+        # Under FSDP, activation checkpointing is FSDP's (fsdp_activation_checkpointing in the accelerate config the
+        # launcher writes): transformers refuses both at once, so the Trainer's own stays off there.
+        gradient_checkpointing=t.gradient_checkpointing and t.distributed is not Distributed.FSDP,
         use_cpu=not torch.cuda.is_available(),
         # Several CPU processes (distributed: ddp on CPU) talk over gloo; GPUs use the default (nccl).
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -83,19 +87,14 @@ def build_trainer(
     callbacks: list,
     show_progress: bool = True,
 ):
-    from transformers.trainer_callback import PrinterCallback
 
     if not show_progress:
         # No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events.
-        import datasets
-        from transformers.utils import logging as hf_logging
 
         datasets.disable_progress_bars()
         hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
     if args.metric_for_best_model and config.training.early_stopping_patience > 0:
-        from transformers import EarlyStoppingCallback
-
         callbacks = [
             *callbacks,
             EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
@@ -135,9 +134,6 @@ def use_model_loss(config: Config, vocab_size: int, precision: str) -> bool:
 
 
 def _trainer_class(model_loss: bool):
-    from peft.helpers import disable_input_dtype_casting
-    from transformers import Trainer
-    from trl import SFTTrainer
 
     class AutotuningSFTTrainer(SFTTrainer):
         """SFTTrainer with two speed-ups that change no result.
@@ -168,29 +164,3 @@ def _trainer_class(model_loss: bool):
                 )
 
     return AutotuningSFTTrainer
-
-
-def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest *complete* checkpoint (trainer state written last by the Trainer), or None."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = []
-    for child in checkpoint_dir.iterdir():
-        match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
-
-
-def resume_checkpoint(checkpoint_dir: Path) -> Path:
-    """The checkpoint a resume continues from, or a ConfigError saying there is none."""
-    from ..errors import ConfigError
-
-    checkpoint = last_checkpoint(checkpoint_dir)
-    if checkpoint is None:
-        raise ConfigError(
-            "the run in output_dir has no complete checkpoint to resume from",
-            f"{checkpoint_dir}",
-            "start a new run (or check that save_steps was reached before it stopped)",
-        )
-    return checkpoint

@@ -32,11 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(root: Path, *extra: str):
-    """Start `python app.py` on a free port with ``root`` as output root; returns (process, url, log file)."""
+def start_app(root: Path, *extra: str, env: dict[str, str] | None = None):
+    """Start `python app.py` on a free port with ``root`` as output root; returns (process, url, log file).
+
+    The app runs offline unless ``env`` (added to this process's environment) says otherwise."""
     port = _free_port()
     log = open(root.parent / f"app-{port}.log", "w")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port), "--output-root", str(root), *extra],
         cwd=REPO,
@@ -125,6 +127,21 @@ def launch_app(tmp_path):
         root = tmp_path / f"runs-{len(started)}"
         root.mkdir()
         proc, url, log = start_app(root, *extra)
+        started.append((proc, log))
+        return url
+
+    yield launch
+    for proc, log in started:
+        stop_app(proc, log)
+
+
+@pytest.fixture(scope="module")
+def module_app_launcher():
+    """``launch(root, *flags, env=...) -> url`` for apps one test module shares; all stopped after the module."""
+    started = []
+
+    def launch(root: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+        proc, url, log = start_app(root, *extra, env=env)
         started.append((proc, log))
         return url
 

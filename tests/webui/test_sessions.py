@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,50 @@ def test_auth_refuses_unauthenticated_requests(launch_app):
         gradio_client.Client(url, auth=("alice", "wrong"), verbose=False)
     client = gradio_client.Client(url, auth=("alice", "wonderland"), verbose=False)
     assert "/on_start" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+
+
+def _wait_status(root, name: str, wanted: set[str], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while _status(root, name).get("status") not in wanted and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return _status(root, name)
+
+
+def test_two_sessions_uploading_files_of_the_same_name_each_train_on_their_own(app, tmp_path):
+    """Same file name, different rows: each session's run trains on its own upload (dataset fingerprints)."""
+    from autotuning.data import prepare_data
+    from autotuning.modeling import load_tokenizer
+    from autotuning.runs import load_run_config
+
+    url, root = app
+    files = {}
+    for who, topic in (("alice", "tides"), ("bob", "volcanoes")):
+        folder = tmp_path / who
+        folder.mkdir()
+        rows = [
+            {"instruction": f"Say one thing about {topic} (#{i}).", "output": f"{topic.title()} fact number {i}."}
+            for i in range(24)
+        ]
+        files[who] = folder / "data.jsonl"
+        files[who].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clients = {who: gradio_client.Client(url, verbose=False) for who in files}
+    staged = {
+        who: clients[who].predict(gradio_client.handle_file(str(path)), api_name="/on_upload")
+        for who, path in files.items()
+    }
+    for who in files:  # both uploaded before either trains: the second upload must not replace the first
+        args = _start_args(
+            run_name=f"upload-{who}", dataset_source="Upload a file", upload=staged[who], max_steps=2, eval_split=0
+        )
+        assert "Started" in clients[who].predict(*args, api_name="/on_start")[0]
+        assert _wait_status(root, f"upload-{who}", {"finished", "failed"})["status"] == "finished"
+
+    seen = {}
+    for who, path in files.items():
+        record = _status(root, f"upload-{who}")
+        config = load_run_config(root / f"upload-{who}")
+        assert Path(config.data.dataset_path).read_bytes() == path.read_bytes()  # its own staged copy
+        own = prepare_data(config.replace(dataset_path=str(path)), load_tokenizer(config))
+        assert record["dataset"]["fingerprint"] == own.fingerprint
+        seen[who] = own.fingerprint
+    assert seen["alice"] != seen["bob"]

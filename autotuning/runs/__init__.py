@@ -1,0 +1,56 @@
+"""Everything about a run directory: paths, status, checkpoints, metric events, run.json, the run's lock.
+
+A run directory holds::
+
+    config.yaml        the config (token never written)
+    run.json           status, timings, versions, dataset fingerprint and stats, parity figures
+    metrics.jsonl      one metric event per line (the live chart's history)
+    train.log          full log, tracebacks included
+    .lock              held (flock) by the job working on the run; see lock.py
+    checkpoints/       resumable Trainer checkpoints (checkpoint-<step>/)
+    adapter/           the trained LoRA adapter
+    merged/            the merged model + tokenizer (safetensors)
+    eval_results.json|csv
+
+This layer sits just above config: it never imports torch, so listing runs stays instant.
+"""
+
+from .checkpoints import checkpoint_step, last_checkpoint, resume_checkpoint
+from .directory import (
+    RunDir,
+    clear_run_dir,
+    default_run_name,
+    library_versions,
+    list_runs,
+    load_run_config,
+    resolve_run_dir,
+    write_json_atomic,
+)
+from .events import MetricsSink, read_metrics, truncate_metrics
+from .lock import LOCK_FILE, Operation, RunLock, is_locked, lock_owner
+from .status import ACTIVE, ENDED, RunStatus
+
+__all__ = [
+    "ACTIVE",
+    "ENDED",
+    "LOCK_FILE",
+    "MetricsSink",
+    "Operation",
+    "RunDir",
+    "RunLock",
+    "RunStatus",
+    "checkpoint_step",
+    "clear_run_dir",
+    "default_run_name",
+    "is_locked",
+    "last_checkpoint",
+    "library_versions",
+    "list_runs",
+    "load_run_config",
+    "lock_owner",
+    "read_metrics",
+    "resolve_run_dir",
+    "resume_checkpoint",
+    "truncate_metrics",
+    "write_json_atomic",
+]
