@@ -14,7 +14,7 @@ from autotuning.config import load_config
 from autotuning.export import export_run
 from autotuning.inference import ModelCache
 from autotuning.pipeline import Pipeline, RunStatus
-from autotuning.runs import read_metrics
+from autotuning.runs import MetricsSink, read_metrics
 from ui.chat_tab import reply_both
 from ui.context import AppContext
 
@@ -56,14 +56,26 @@ def alone(tmp_path_factory):
     return run
 
 
-def test_chat_during_training_leaves_the_run_bit_for_bit_equal(tmp_path, alone):
+def test_chat_during_training_leaves_the_run_bit_for_bit_equal(tmp_path, alone, monkeypatch):
     ctx = AppContext.create(tmp_path / "runs")
+    during: list[str] = []
+    errors: list[BaseException] = []
+
+    # However fast the machine, a reply must overlap the training loop: the run pauses at its second train event
+    # until one reply has ended (a pause changes no result: the same steps run, later).
+    replied = threading.Event()
+    emit = MetricsSink.emit
+
+    def emit_after_a_reply(sink, event):
+        if sink is chatted.sink and event.get("type") == "train" and event.get("step") == 2:
+            replied.wait(120)
+        emit(sink, event)
+
+    monkeypatch.setattr(MetricsSink, "emit", emit_after_a_reply)
 
     # A: the same run while the Chat tab sends messages (sampled, temperature 0.9) to B's merged model and its base,
     # each reply loading both models afresh.
     chatted = ctx.pipeline.start(_config(tmp_path / "runs" / "chatted"))
-    during: list[str] = []
-    errors: list[BaseException] = []
 
     def chat() -> None:
         try:
@@ -73,6 +85,7 @@ def test_chat_during_training_leaves_the_run_bit_for_bit_equal(tmp_path, alone):
                 steps = sum(e.get("type") == "train" for e in chatted.events(0))
                 if 0 < steps < MAX_STEPS:  # the reply ended while the run was in its training loop
                     during.append(tuned[-1]["content"] + base[-1]["content"])
+                    replied.set()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
