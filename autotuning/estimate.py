@@ -27,7 +27,10 @@ Parts are summed although a full fine-tune's optimizer state and its activations
 moments, so full fine-tunes come out on the high side.
 
 Tokens per micro-batch are ``per_device_train_batch_size x max_seq_length``: the worst case, when rows
-fill the sequence. Figures against measured peaks are in docs/BENCHMARKS.md (``bench/memory.py``).
+fill the sequence. Paired preference methods (dpo, orpo, simpo) put two sequences per row in a batch (prompt +
+chosen, prompt + rejected), so twice that. DPO and KTO compare against a reference model: with LoRA the base
+with the adapter disabled (no memory); with a full fine-tune a frozen copy of the weights (**reference model**),
+whose forward pass keeps no activations. Figures against measured peaks are in docs/BENCHMARKS.md (``bench/memory.py``).
 """
 
 from __future__ import annotations
@@ -199,6 +202,9 @@ def estimate_memory(
     inter = getattr(mc, "intermediate_size", None) or getattr(mc, "n_inner", None) or 4 * h
     vocab = mc.vocab_size
     tokens = t.per_device_train_batch_size * config.data.max_seq_length
+    method = config.preference.training_method
+    if method.paired:
+        tokens *= 2  # every row is two sequences in one batch: prompt + chosen, prompt + rejected
     dropout_inputs = sum(i for _n, i, _o in targets) // max(layers, 1) if config.peft.lora_dropout > 0 else 0
     per_token_layer = _activation_bytes(h, kv, inter, compute, dropout_inputs)
     if t.gradient_checkpointing:
@@ -238,6 +244,10 @@ def estimate_memory(
             # safetensors maps the checkpoint; when the loaded weights are converted copies (quantized, or
             # another dtype) the pages read stay mapped, and resident, while the model lives.
             parts["checkpoint_pages"] = int(file_bytes)
+    if method.uses_reference and peft is PeftType.NONE:
+        # A full fine-tune's reference is a frozen copy of the starting weights (with LoRA it is the base with the
+        # adapter disabled: nothing more). Its forward pass keeps no activations, and runs before the policy's.
+        parts["reference_model"] = int(weights)
     if peft is PeftType.NONE:
         parts.pop("lora_adapters")
     parts, processes = _per_device(parts, config, on_gpu)
@@ -259,6 +269,7 @@ def estimate_memory(
             "gradient_checkpointing": t.gradient_checkpointing,
             "processes": processes,
             "per": "GPU" if on_gpu else "machine",
+            "training_method": method.value,
         },
     )
     if suggest and estimate.verdict != "fits":

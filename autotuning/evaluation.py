@@ -25,7 +25,7 @@ from typing import Any
 import evaluate
 import torch
 
-from .data import prepare_data
+from .data import encode_answer, prepare_data, prepare_preference_data
 from .errors import ConfigError, JobCancelled
 from .inference import generate_reply, load_generation_model
 from .modeling import load_tokenizer
@@ -44,6 +44,9 @@ __all__ = [
     "chosen_option",
     "generation_metrics",
     "evaluate_run",
+    "answer_logps",
+    "preference_scores",
+    "compare_preferences",
 ]
 
 log = logging.getLogger("autotuning")
@@ -130,6 +133,88 @@ def evaluate_answers(model, dataset, tokenizer, batch_size: int = 8, precision: 
         "eval_tokens": total_tokens,
         "eval_rows": len(rows),
     }
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, examples: list[tuple[list[dict], list[dict]]], max_length: int, batch_size: int = 8):
+    """Sum of log p(answer token | everything before it) for each (prompt, answer): the sequence log-likelihood
+    that DPO's implicit reward compares, over the answer tokens only."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_answer(tokenizer, prompt, answer, max_length) for prompt, answer in examples]
+    out: list[float] = []
+    try:
+        for begin in range(0, len(encoded), batch_size):
+            chunk = encoded[begin : begin + batch_size]
+            longest = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for i, (row, start) in enumerate(chunk):
+                ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+                labels[i, start : len(row)] = ids[i, start : len(row)]
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+            targets = labels[:, 1:].to(device)
+            logps = torch.log_softmax(logits[:, :-1], dim=-1)
+            picked = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.extend((picked * (targets != -100)).sum(-1).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def preference_scores(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> dict[str, Any]:
+    """How the model ranks held-out answers, from log-likelihoods of the answer tokens.
+
+    Pairs: ``preference_accuracy`` is the share of pairs where log p(chosen) > log p(rejected), and
+    ``preference_margin`` the mean of log p(chosen) - log p(rejected) (nats). Unpaired (KTO):
+    ``preference_margin`` is the mean log p of desirable answers minus that of undesirable ones.
+    Per-row margins come back under ``margins`` so that a tuned model can be compared with its base row by row.
+    """
+    if rows and "chosen" in rows[0]:
+        chosen = answer_logps(model, tokenizer, [(r["prompt"], r["chosen"]) for r in rows], max_length, batch_size)
+        rejected = answer_logps(model, tokenizer, [(r["prompt"], r["rejected"]) for r in rows], max_length, batch_size)
+        margins = [c - r for c, r in zip(chosen, rejected)]
+        return {
+            "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "preference_margin": sum(margins) / len(margins),
+            "chosen_logp": sum(chosen) / len(chosen),
+            "rejected_logp": sum(rejected) / len(rejected),
+            "eval_pairs": len(margins),
+            "margins": margins,
+        }
+    logps = answer_logps(model, tokenizer, [(r["prompt"], r["completion"]) for r in rows], max_length, batch_size)
+    good = [lp for lp, r in zip(logps, rows) if r["label"]]
+    bad = [lp for lp, r in zip(logps, rows) if not r["label"]]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "preference_margin": mean(good) - mean(bad),
+        "desirable_logp": mean(good),
+        "undesirable_logp": mean(bad),
+        "eval_rows": len(rows),
+        "margins": [],
+    }
+
+
+def compare_preferences(tuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Tuned vs base scores, flat: base_ twins, and the implicit reward with the base as reference.
+
+    DPO's reward of an answer is beta * (log p_tuned - log p_base); a pair is ranked right when the chosen answer's
+    reward is the higher, i.e. when the tuned margin exceeds the base margin. ``reward_accuracy`` is that share,
+    ``reward_margin`` the mean of (tuned margin - base margin) in nats (TRL's rewards/margins divided by beta).
+    """
+    out = {k: v for k, v in tuned.items() if k != "margins"}
+    out.update({f"base_{k}": v for k, v in base.items() if k != "margins"})
+    pairs = list(zip(tuned.get("margins", []), base.get("margins", [])))
+    if pairs:
+        out["reward_accuracy"] = sum(t > b for t, b in pairs) / len(pairs)
+        out["reward_margin"] = sum(t - b for t, b in pairs) / len(pairs)
+    else:
+        out["reward_margin"] = tuned["preference_margin"] - base["preference_margin"]
+    return out
 
 
 def save_eval_results(results: dict[str, Any], run_dir: Path, fmt: str) -> Path:
@@ -293,7 +378,7 @@ def evaluate_run(
                 log.warning("could not rewrite the run report: %s", exc)
     finally:
         lock.release()
-    shown = ("prompt", "reference", "prediction", "base_prediction")
+    shown = ("prompt", "reference", "rejected", "prediction", "base_prediction")
     return {"results": results, "samples": [{k: s[k] for k in shown if k in s} for s in samples], "path": str(path)}
 
 
@@ -309,6 +394,10 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 def _evaluate_locked(run: RunDir, config, generations, max_new_tokens, compare_base, progress, cancel):
     tokenizer = load_tokenizer(config)
+    if config.preference.training_method.is_preference:
+        return _evaluate_preference_locked(
+            run, config, tokenizer, generations, max_new_tokens, compare_base, progress, cancel
+        )
     data = prepare_data(config, tokenizer)
     if data.eval is None:
         raise ConfigError(
@@ -350,6 +439,69 @@ def _evaluate_locked(run: RunDir, config, generations, max_new_tokens, compare_b
         scores.update({f"gen_{k}": v for k, v in generation_metrics(kind, view).items()})
         results.update({f"{prefix}{k}": v for k, v in scores.items()})
         del model
+    path = save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
+    tmp = run.path / ".predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    tmp.replace(run.path / "predictions.jsonl")
+    run.update(eval_results=results, evaluation_placement=placement)
+    _say(progress, 1.0, "done")
+    return results, samples, path
+
+
+def _evaluate_preference_locked(
+    run: RunDir, config, tokenizer, generations, max_new_tokens, compare_base, progress, cancel
+):
+    """A preference run on its held-out rows: how tuned and base rank the answers, and answers generated by both
+    next to the chosen one."""
+    data = prepare_preference_data(config, tokenizer)
+    if data.eval is None:
+        raise ConfigError(
+            "this run has no held-out rows (eval_split is 0)", f"{run.config_path}", "train with eval_split > 0"
+        )
+    rows = data.eval_rows
+    prompts = [r for r in rows if "chosen" in r or r.get("label")][: max(0, generations)]
+    samples = [
+        {
+            "prompt": r["prompt"][-1]["content"],
+            "reference": (r.get("chosen") or r["completion"])[0]["content"],
+            **({"rejected": r["rejected"][0]["content"]} if "rejected" in r else {}),
+        }
+        for r in prompts
+    ]
+    models = [("", str(run.path))] + ([("base_", config.model.model_name)] if compare_base else [])
+    scores: dict[str, dict[str, Any]] = {}
+    placement: dict[str, str] = {}
+    steps, done = len(models) * (2 + len(prompts)), 0
+    for prefix, source in models:
+        name = "base model" if prefix else "fine-tuned model"
+        _check_cancel(cancel)
+        _say(progress, done / steps, f"loading the {name}")
+        model, gen_tokenizer = load_generation_model(source, like=config if prefix else None)
+        placement[f"{prefix or 'tuned_'}model"] = _describe_placement(model)
+        done += 1
+        _say(progress, done / steps, f"how the {name} ranks the held-out answers")
+        scores[prefix] = preference_scores(
+            model, tokenizer, rows, config.data.max_seq_length, config.training.per_device_eval_batch_size
+        )
+        done += 1
+        for i, (sample, row) in enumerate(zip(samples, prompts)):
+            _check_cancel(cancel)
+            _say(progress, done / steps, f"{name}: answer {i + 1}/{len(prompts)}")
+            sample[f"{prefix}prediction"] = generate_reply(
+                model, gen_tokenizer, row["prompt"], max_new_tokens=max_new_tokens
+            )
+            done += 1
+        del model
+    if "base_" in scores:
+        results = compare_preferences(scores[""], scores["base_"])
+    else:
+        results = {k: v for k, v in scores[""].items() if k != "margins"}
+    for prefix in scores:
+        view = [dict(s, references=[s["reference"]], prediction=s[f"{prefix}prediction"]) for s in samples]
+        if view:
+            results.update(
+                {f"{prefix}gen_{k}": v for k, v in generation_metrics("instruction_fine_tuning", view).items()}
+            )
     path = save_eval_results(results, run.path, config.evaluation.eval_save_format.value)
     tmp = run.path / ".predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")

@@ -30,10 +30,10 @@ from transformers import AutoModelForCausalLM
 
 from .concurrency import MODEL_LOADING
 from .config import Config, Distributed, PeftType, Precision, Quantization, SaveFormat
-from .data import prepare_data
+from .data import chat_token_ids, prepare_data, prepare_preference_data
 from .distributed import STOP_FILE, Role, check_distributed
 from .errors import ConfigError, UserError
-from .evaluation import evaluate_answers, evaluate_run, save_eval_results
+from .evaluation import evaluate_answers, evaluate_run, preference_scores, save_eval_results
 from .export import run_exports
 from .export.gguf import check_gguf_supported, check_gguf_type
 from .export.tensorflow import check_tensorflow_supported
@@ -45,6 +45,7 @@ from .runs import (
     RunDir,
     RunLock,
     RunStatus,
+    base_run_model,
     checkpoint_step,
     clear_run_dir,
     last_checkpoint,
@@ -55,6 +56,7 @@ from .runs import (
 )
 from .training import FinalCheckpointCallback, MetricsCallback, StopCallback, build_trainer
 from .training.oom import TrainedState, train_with_oom_policy
+from .training.preference import build_preference_trainer
 
 __all__ = ["JobResult", "run_job", "preflight", "export_preflight"]
 
@@ -157,6 +159,7 @@ class _Job:
         self.stopper: StopCallback | None = None
         self.results: dict[str, Any] = {}
         self.exports: dict[str, Any] = {}
+        self.preference = config.preference.training_method.is_preference
 
     def __enter__(self) -> _Job:
         return self
@@ -169,6 +172,10 @@ class _Job:
 
     def plan(self) -> None:
         preflight(self.config)
+        if self.config.preference.base_run:
+            # A chained run: the base run's merged model is this run's base (and, for dpo/kto, its reference).
+            merged = base_run_model(self.config.preference.base_run)
+            self.config = self.config.replace(model_name=str(merged.resolve()))
         self.run: RunDir = resolve_run_dir(self.config)
         if self.role.holds_lock:
             # An existing run (to resume or replace) is locked now, before it is read; a new one once created.
@@ -179,7 +186,8 @@ class _Job:
         self.tokenizer = load_tokenizer(self.config)  # the data step needs it: prompts use its chat template
 
     def setup_data(self) -> None:
-        data = self.data = prepare_data(self.config, self.tokenizer)
+        prepare = prepare_preference_data if self.preference else prepare_data
+        data = self.data = prepare(self.config, self.tokenizer)
         for note in data.notes:
             log.warning(note)
         self.timings["data_s"] = round(time.time() - self._t0, 2)
@@ -240,6 +248,8 @@ class _Job:
             resumed_from=str(self.resume_from) if self.resume_from else None,
             model_name=self.config.model.model_name,
             fine_tuning_type=self.config.data.fine_tuning_type.value,
+            training_method=self.config.preference.training_method.value,
+            base_run=self.config.preference.base_run or None,
             device=_device_name(self.role),
             precision=self.loaded.precision,
             precision_check=self.precision_check,
@@ -258,7 +268,7 @@ class _Job:
         callbacks = [MetricsCallback(self.sink), self.stopper, FinalCheckpointCallback()]
 
         def make_trainer(attempt: Config, model):
-            return build_trainer(
+            return (build_preference_trainer if self.preference else build_trainer)(
                 attempt,
                 model,
                 self.tokenizer,
@@ -334,6 +344,8 @@ class _Job:
     def evaluate(self, model, trained: TrainedState) -> None:
         if self.data.eval is None:
             return
+        if self.preference:
+            return self._evaluate_preferences(model, trained)
         t0 = time.time()
         step = trained.trainer.state.global_step
         batch = trained.config.training.per_device_eval_batch_size
@@ -348,6 +360,27 @@ class _Job:
             results["accuracy"],
             results["f1"],
             results["eval_tokens"],
+        )
+        self.sink.emit({"type": "final_eval", "step": step, "time": time.time(), **results})
+        self.results = results
+
+    def _evaluate_preferences(self, model, trained: TrainedState) -> None:
+        """How the tuned model (still in memory) ranks the held-out answers; the base's ranking, and the reward
+        with the base as reference, come with the generated answers (:meth:`evaluate_generations`)."""
+        t0 = time.time()
+        step = trained.trainer.state.global_step
+        batch = trained.config.training.per_device_eval_batch_size
+        scores = preference_scores(model, self.tokenizer, self.data.eval_rows, self.config.data.max_seq_length, batch)
+        results = {k: v for k, v in scores.items() if k != "margins"}
+        results["global_step"] = step
+        save_eval_results(results, self.run.path, self.config.evaluation.eval_save_format.value)
+        self.timings["eval_s"] = round(time.time() - t0, 2)
+        log.info(
+            "eval: log p(chosen) - log p(rejected) %.3f nats on average%s",
+            results["preference_margin"],
+            f", chosen ranked first in {results['preference_accuracy']:.0%} of {results['eval_pairs']} pairs"
+            if "preference_accuracy" in results
+            else "",
         )
         self.sink.emit({"type": "final_eval", "step": step, "time": time.time(), **results})
         self.results = results
@@ -376,7 +409,9 @@ class _Job:
 
     def evaluate_generations(self, trained: TrainedState) -> None:
         gens = self.config.evaluation.eval_generations
-        if self.data.eval is None or gens <= 0 or not (self.run.merged / "config.json").is_file():
+        # A preference run is always scored against its base (the reward needs both), answers generated or not.
+        wanted = gens > 0 or self.preference
+        if self.data.eval is None or not wanted or not (self.run.merged / "config.json").is_file():
             return
         t0 = time.time()
         generated = evaluate_run(
@@ -503,7 +538,12 @@ def _maybe_check_cpu_bf16(config: Config, loaded, data, tokenizer) -> dict[str, 
         or config.quantization.quantization is not Quantization.NONE
     ):
         return None
-    rows = [list(data.train[i]["input_ids"]) for i in range(min(2, len(data.train)))]
+    if "input_ids" in data.train.column_names:
+        rows = [list(data.train[i]["input_ids"]) for i in range(min(2, len(data.train)))]
+    else:  # preference rows: TRL tokenises them later; the check needs token ids now
+        rows = [
+            chat_token_ids(tokenizer, r["prompt"] + (r.get("chosen") or r["completion"])) for r in data.train_rows[:2]
+        ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     check = check_cpu_bf16(loaded.model, rows, pad)
     if check["ok"]:

@@ -11,7 +11,14 @@ from gradio.components.plot import PlotData
 
 _TEMPLATE = pio.templates["plotly_white"].to_plotly_json()
 
-__all__ = ["loss_figure", "lr_figure", "throughput_figure", "length_histogram", "progress_html"]
+__all__ = [
+    "loss_figure",
+    "lr_figure",
+    "throughput_figure",
+    "rewards_figure",
+    "length_histogram",
+    "progress_html",
+]
 
 _LAYOUT = dict(
     height=280,
@@ -52,6 +59,47 @@ def loss_figure(events: list[dict[str, Any]]) -> PlotData:
             }
         )
     return _figure(traces, f"Loss ({len(x)} points)", "loss")
+
+
+def rewards_figure(events: list[dict[str, Any]]) -> PlotData:
+    """Preference runs: the implicit rewards of chosen and rejected answers, their margin, and the share of pairs
+    ranked right (reward accuracy, on the right axis), from training and from evaluation."""
+    traces = []
+    for kind, key, name, dash in [
+        ("train", "reward_chosen", "chosen", None),
+        ("train", "reward_rejected", "rejected", None),
+        ("train", "reward_margin", "margin", None),
+        ("eval", "eval_reward_margin", "eval margin", "dot"),
+    ]:
+        x, y = _series(events, kind, key)
+        if x:
+            trace = {"type": "scatter", "x": x, "y": y, "mode": "lines+markers", "name": name, "marker": {"size": 4}}
+            if dash:
+                trace["line"] = {"dash": dash}
+            traces.append(trace)
+    for kind, key, name in [
+        ("train", "reward_accuracy", "accuracy"),
+        ("eval", "eval_reward_accuracy", "eval accuracy"),
+    ]:
+        x, y = _series(events, kind, key)
+        if x:
+            traces.append(
+                {
+                    "type": "scatter",
+                    "x": x,
+                    "y": y,
+                    "mode": "lines+markers",
+                    "name": name,
+                    "yaxis": "y2",
+                    "marker": {"size": 6, "symbol": "diamond" if kind == "eval" else "circle"},
+                }
+            )
+    if not traces:
+        return _figure([], "Rewards (preference methods: dpo, orpo, simpo, kto)", "reward")
+    figure = _figure(traces, "Rewards and reward accuracy", "reward")
+    plot = json.loads(figure.plot)
+    plot["layout"]["yaxis2"] = {"title": {"text": "accuracy"}, "overlaying": "y", "side": "right", "range": [0, 1]}
+    return PlotData(type="plotly", plot=json.dumps(plot))
 
 
 def lr_figure(events: list[dict[str, Any]]) -> PlotData:

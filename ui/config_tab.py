@@ -7,8 +7,10 @@ import uuid
 import gradio as gr
 
 from autotuning.config import (
+    BestMetric,
     Config,
     Distributed,
+    DpoLossType,
     EvalSaveFormat,
     FineTuningType,
     GgufType,
@@ -17,6 +19,7 @@ from autotuning.config import (
     Quantization,
     SaveFormat,
     SchedulerType,
+    TrainingMethod,
     field_help,
     load_config,
     quickstart_overrides,
@@ -194,6 +197,36 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["num_processes"] = gr.Number(
                     value=v["num_processes"], precision=0, label="Processes", info=_info("num_processes")
                 )
+            gr.Markdown("### Method")
+            with gr.Row():
+                form["training_method"] = gr.Dropdown(
+                    TrainingMethod.values(),
+                    value=v["training_method"],
+                    label="Training method",
+                    info=_info("training_method"),
+                )
+                form["base_run"] = gr.Textbox(
+                    value=v["base_run"],
+                    label="Start from run",
+                    placeholder="empty = model above; or a finished run's name",
+                    info=_info("base_run"),
+                )
+            with gr.Row(visible=v["training_method"] != "sft") as preference_knobs:
+                form["beta"] = gr.Number(value=v["beta"], label="Beta", info=_info("beta"))
+                form["dpo_loss_type"] = gr.Dropdown(
+                    DpoLossType.values(), value=v["dpo_loss_type"], label="DPO loss", info=_info("dpo_loss_type")
+                )
+                form["simpo_gamma"] = gr.Number(value=v["simpo_gamma"], label="SimPO gamma", info=_info("simpo_gamma"))
+            with gr.Row(visible=v["training_method"] != "sft") as preference_knobs_2:
+                form["desirable_weight"] = gr.Number(
+                    value=v["desirable_weight"], label="KTO desirable weight", info=_info("desirable_weight")
+                )
+                form["undesirable_weight"] = gr.Number(
+                    value=v["undesirable_weight"], label="KTO undesirable weight", info=_info("undesirable_weight")
+                )
+                form["best_metric"] = gr.Dropdown(
+                    BestMetric.values(), value=v["best_metric"], label="Best checkpoint by", info=_info("best_metric")
+                )
             gr.Markdown("### Outputs")
             with gr.Row():
                 form["save_format"] = gr.CheckboxGroup(
@@ -230,7 +263,7 @@ def build(ctx: AppContext, form: dict) -> dict:
                 placeholder="empty = <timestamp>-<type>",
                 info=f"Folder under the output root ({ctx.output_root}) where the run is saved.",
             )
-    parts: dict = {"code_warning": parts_warning}
+    parts: dict = {"code_warning": parts_warning, "preference_knobs": [preference_knobs, preference_knobs_2]}
     parts["validation"] = gr.Markdown(elem_id="config-validation")
     with gr.Accordion("Config as YAML / command line", open=False):
         with gr.Row():
@@ -316,6 +349,12 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         return updates
 
     parts["load_yaml"].upload(on_load, inputs=parts["load_yaml"], outputs=inputs)
+
+    def on_method(method):
+        shown = gr.update(visible=method != TrainingMethod.SFT.value)
+        return shown, shown
+
+    form["training_method"].change(on_method, inputs=form["training_method"], outputs=parts["preference_knobs"])
 
     def on_code_options(trust, pickle):
         notice = code_safety_notice(trust, pickle)

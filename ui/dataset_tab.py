@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from autotuning.config import TrainedTurns, field_help
-from autotuning.data import mask_segments, prepare_data, preview_rows
+from autotuning.data import encode_answer, mask_segments, prepare_data, prepare_preference_data, preview_rows
 from autotuning.errors import UserError
 from autotuning.modeling import load_tokenizer
 
@@ -77,6 +77,8 @@ def inspect_form(values: dict, ctx: AppContext, login: str = ""):
     ``login`` is the session's Space login token (used when the form's token field is empty)."""
     config = form_to_config(values, ctx.output_root, ctx.data_dirs, ctx.allow_code, login)
     tokenizer = load_tokenizer(config)
+    if config.preference.training_method.is_preference:
+        return _inspect_preference(config, tokenizer)
     data = prepare_data(config, tokenizer)
     train, evaluation = data.stats["train"], data.stats["eval"] or {}
     truncated = train["truncated_rows"] + evaluation.get("truncated_rows", 0)
@@ -109,6 +111,63 @@ def inspect_form(values: dict, ctx: AppContext, login: str = ""):
         '<span class="at-trained">trained answer tokens</span></div>'
         f'<pre class="at-example" id="mask-example-text">{"".join(spans)}</pre>'
     )
+    return "\n".join(lines), figure, table, example_html
+
+
+def _answer_html(tokenizer, prompt: list[dict], answer: list[dict], max_length: int) -> str:
+    """Prompt + answer as the preference trainer tokenises them: masked prompt, trained answer tokens."""
+    ids, start = encode_answer(tokenizer, prompt, answer, max_length)
+    return (
+        f'<span class="at-masked">{html.escape(tokenizer.decode(ids[:start]))}</span>'
+        f'<span class="at-trained">{html.escape(tokenizer.decode(ids[start:]))}</span>'
+    )
+
+
+def _inspect_preference(config, tokenizer):
+    """The preview of preference data: pairs side by side (chosen vs rejected), trained tokens on both sides."""
+    data = prepare_preference_data(config, tokenizer)
+    train, paired = data.stats["train"], config.preference.training_method.paired
+    lines = [
+        f"**Source:** `{data.source}`  ",
+        f"**Detected format:** `{data.format}` for `{config.preference.training_method.value}`  ",
+        f"**Rows:** {data.stats['rows_read']} read, {data.stats['rows_skipped']} skipped, "
+        f"{len(data.train_rows)} train / {len(data.eval_rows)} eval"
+        + ("" if paired else f", {train['desirable_rows']} desirable in train")
+        + "  ",
+        f"**Tokens per row (prompt + longest answer):** median {train['median_tokens']}  ",
+        f"**At max_seq_length {config.data.max_seq_length}:** {train['truncated_rows']} train rows have an answer cut",
+    ]
+    lines += [f"\n> {note}" for note in data.notes]
+    figure = length_histogram(data.lengths, config.data.max_seq_length)
+
+    def cut(text: str) -> str:
+        return text if len(text) <= 400 else text[:400] + " …"
+
+    rows = []
+    for row in data.train_rows[:20]:
+        shown = {"prompt": cut(row["prompt"][-1]["content"])}
+        if paired:
+            shown.update(chosen=cut(row["chosen"][0]["content"]), rejected=cut(row["rejected"][0]["content"]))
+        else:
+            shown.update(completion=cut(row["completion"][0]["content"]), label=str(row["label"]).lower())
+        rows.append(shown)
+    table = pd.DataFrame(rows)
+    example = data.train_rows[0]
+    n = config.data.max_seq_length
+    legend = (
+        '<div class="at-example-legend"><span class="at-masked">masked prompt tokens (no loss)</span> '
+        '<span class="at-trained">trained answer tokens</span></div>'
+    )
+    if paired:
+        sides = [("chosen", example["chosen"]), ("rejected", example["rejected"])]
+    else:
+        sides = [("desirable" if example["label"] else "undesirable", example["completion"])]
+    columns = "".join(
+        f'<div class="at-pair-side" style="flex:1;min-width:0"><b>{name}</b><pre class="at-example" id="mask-example-{name}">'
+        f"{_answer_html(tokenizer, example['prompt'], answer, n)}</pre></div>"
+        for name, answer in sides
+    )
+    example_html = f'{legend}<div class="at-pair" id="mask-example-text" style="display:flex;gap:1em">{columns}</div>'
     return "\n".join(lines), figure, table, example_html
 
 

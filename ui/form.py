@@ -83,6 +83,14 @@ CONFIG_FIELDS = [
     "system_prompt",
     "trained_turns",
     "skip_bad_rows",
+    "training_method",
+    "beta",
+    "dpo_loss_type",
+    "simpo_gamma",
+    "desirable_weight",
+    "undesirable_weight",
+    "best_metric",
+    "base_run",
 ]
 UI_FIELDS = ["run_name", "dataset_source", "hub_dataset", "upload"]
 FORM_FIELDS = CONFIG_FIELDS + UI_FIELDS
@@ -204,6 +212,11 @@ def form_to_config(
     allowed = [Path(output_root), *map(Path, data_dirs)]
     if "model_name" in data:
         data["model_name"] = _model_name(str(data["model_name"]), allowed)
+    if str(data.get("base_run") or "").strip():
+        # A base run is one of the app's own runs: a folder under the output root, by name or path.
+        text = str(data["base_run"]).strip()
+        path = text if _looks_local(text) else str(Path(output_root) / text)
+        data["base_run"] = _confined(path, [Path(output_root)], "base_run", "pick a finished run of this app")
     data["dataset_path"] = _dataset_path(
         values.get("dataset_source", SOURCE_SAMPLE), values.get("hub_dataset", ""), values.get("upload"), allowed
     )

@@ -14,7 +14,7 @@ from autotuning.errors import UserError
 from autotuning.estimate import estimate_memory
 from autotuning.runs import RunStatus, last_checkpoint, load_run_config
 
-from .charts import loss_figure, lr_figure, progress_html, throughput_figure
+from .charts import loss_figure, lr_figure, progress_html, rewards_figure, throughput_figure
 from .context import AppContext
 from .export_tab import exports_markdown
 from .form import FORM_FIELDS, form_to_config, session_token
@@ -49,6 +49,7 @@ def build(ctx: AppContext, form: dict) -> dict:
     parts["progress"] = gr.HTML(progress_html({}), elem_id="train-progress")
     with gr.Row():
         parts["loss"] = gr.Plot(label="Loss", elem_id="loss-plot")
+        parts["rewards"] = gr.Plot(label="Rewards", elem_id="rewards-plot")
     with gr.Row():
         parts["lr"] = gr.Plot(label="Learning rate", elem_id="lr-plot")
         parts["throughput"] = gr.Plot(label="Throughput", elem_id="throughput-plot")
@@ -196,6 +197,7 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         parts["loss"],
         parts["lr"],
         parts["throughput"],
+        parts["rewards"],
         parts["checkpoints"],
         parts["log"],
         parts["drawn"],
@@ -209,9 +211,9 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         events = snap["events"]
         checkpoints = ", ".join(f"`{c}`" for c in snap["checkpoints"]) or "none yet"
         if len(events) == drawn:
-            charts = [gr.skip(), gr.skip(), gr.skip()]
+            charts = [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
         else:
-            charts = [loss_figure(events), lr_figure(events), throughput_figure(events)]
+            charts = [loss_figure(events), lr_figure(events), throughput_figure(events), rewards_figure(events)]
         return [
             status,
             progress_html(snap["progress"]),

@@ -1,7 +1,8 @@
 """Every option of a run, typed and validated in one place.
 
 The same :class:`Config` backs the YAML file, the CLI's ``--set key=value`` flags and the UI form. Options
-live in one dataclass per group (model, data, peft, quantization, training, evaluation, export, run); every
+live in one dataclass per group (model, data, peft, quantization, training, preference, evaluation, export,
+run); every
 field name is unique across groups, so a YAML file may be flat (``learning_rate: 1e-4``) or grouped
 (``training: {learning_rate: 1e-4}``), and a CLI flag never needs the group.
 
@@ -27,10 +28,13 @@ from ..errors import ConfigError as ConfigError
 from .loading import SEED_ALIASES, config_from_dict, load_config
 from .schema import _ENVIRONMENT_TOKEN as _ENVIRONMENT_TOKEN  # tests switch the token lending with monkeypatch
 from .schema import (
+    DEFAULT_BETA,
     QUICKSTART_DATASET,
+    BestMetric,
     Config,
     DataConfig,
     Distributed,
+    DpoLossType,
     EvalSaveFormat,
     EvaluationConfig,
     ExportConfig,
@@ -40,6 +44,7 @@ from .schema import (
     PeftConfig,
     PeftType,
     Precision,
+    PreferenceConfig,
     Quantization,
     QuantizationConfig,
     RunConfig,
@@ -47,6 +52,7 @@ from .schema import (
     SchedulerType,
     TrainedTurns,
     TrainingConfig,
+    TrainingMethod,
     field_help,
     iter_fields,
     quickstart_overrides,
@@ -67,11 +73,16 @@ __all__ = [
     "SchedulerType",
     "Distributed",
     "TrainedTurns",
+    "TrainingMethod",
+    "DpoLossType",
+    "BestMetric",
+    "DEFAULT_BETA",
     "ModelConfig",
     "DataConfig",
     "PeftConfig",
     "QuantizationConfig",
     "TrainingConfig",
+    "PreferenceConfig",
     "EvaluationConfig",
     "ExportConfig",
     "RunConfig",

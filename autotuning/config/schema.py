@@ -1,6 +1,6 @@
 """What a run is: every option's type, default and help, and the checks within and across option groups.
 
-One dataclass per group (model, data, peft, quantization, training, evaluation, export, run), every field with
+One dataclass per group (model, data, peft, quantization, training, preference, evaluation, export, run), every field with
 a help string, and :class:`Config` holding one of each. Field names are unique across groups, so each option
 has one flat name (:meth:`Config.get`, :meth:`Config.replace`, :func:`field_help`, :func:`iter_fields`).
 
@@ -42,11 +42,16 @@ __all__ = [
     "SchedulerType",
     "Distributed",
     "TrainedTurns",
+    "TrainingMethod",
+    "DpoLossType",
+    "BestMetric",
+    "DEFAULT_BETA",
     "ModelConfig",
     "DataConfig",
     "PeftConfig",
     "QuantizationConfig",
     "TrainingConfig",
+    "PreferenceConfig",
     "EvaluationConfig",
     "ExportConfig",
     "RunConfig",
@@ -60,7 +65,6 @@ __all__ = [
     "iter_fields",
     "build_config",
     "unknown_option",
-    "lend_environment_token",
     "environment_token_lent",
 ]
 
@@ -146,6 +150,39 @@ class SchedulerType(_Choice):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class TrainingMethod(_Choice):
+    SFT = "sft"  # supervised fine-tuning: one answer per prompt
+    DPO = "dpo"  # direct preference optimisation: pairs, against a reference model
+    ORPO = "orpo"  # odds-ratio preference optimisation: pairs, SFT loss + odds-ratio term, no reference model
+    SIMPO = "simpo"  # simple preference optimisation: pairs, length-normalised reward with a margin, no reference
+    KTO = "kto"  # Kahneman-Tversky optimisation: unpaired answers labelled desirable / undesirable, with a reference
+
+    @property
+    def is_preference(self) -> bool:
+        return self is not TrainingMethod.SFT
+
+    @property
+    def paired(self) -> bool:
+        """Whether the method learns from (chosen, rejected) pairs; KTO learns from labelled single answers."""
+        return self in (TrainingMethod.DPO, TrainingMethod.ORPO, TrainingMethod.SIMPO)
+
+    @property
+    def uses_reference(self) -> bool:
+        """DPO and KTO score the policy against a frozen reference model; ORPO and SimPO need none."""
+        return self in (TrainingMethod.DPO, TrainingMethod.KTO)
+
+
+class DpoLossType(_Choice):
+    SIGMOID = "sigmoid"  # the DPO paper's loss: -log sigmoid(beta * margin)
+    IPO = "ipo"  # IPO: squared distance of the margin from 1 / (2 * beta); less prone to overfitting the pairs
+    HINGE = "hinge"  # SLiC: max(0, 1 - beta * margin)
+
+
+class BestMetric(_Choice):
+    EVAL_LOSS = "eval_loss"
+    REWARD_ACCURACY = "reward_accuracy"
+
+
 class TrainedTurns(_Choice):
     ALL = "all"  # every assistant turn of a conversation is in the loss
     LAST = "last"  # only the final assistant turn; earlier ones are context
@@ -165,6 +202,9 @@ _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     SaveFormat: {"pytorch": "torch", "safetensors": "torch", "tf": "tensorflow"},
     Distributed: {"no": "none", "single": "none", "multi_gpu": "ddp"},
     TrainedTurns: {"every": "all", "final": "last", "last_only": "last", "last_turn": "last"},
+    TrainingMethod: {"supervised": "sft", "cpo_simpo": "simpo"},
+    DpoLossType: {"dpo": "sigmoid", "slic": "hinge"},
+    BestMetric: {"loss": "eval_loss", "accuracy": "reward_accuracy", "reward_accuracies": "reward_accuracy"},
 }
 
 
@@ -457,6 +497,95 @@ class TrainingConfig:
             )
 
 
+# Each method's beta when the config leaves it at 0. DPO, ORPO and KTO use TRL's defaults; SimPO's reward is a
+# length-normalised log-probability, whose scale needs a beta ~20x larger (the SimPO paper uses 2.0 to 2.5).
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+
+
+@dataclass
+class PreferenceConfig:
+    training_method: TrainingMethod = _help(
+        "What the run learns from: sft (one answer per prompt), or preference tuning from answers judged better "
+        "and worse: dpo (pairs, against a reference model), orpo (pairs, SFT loss plus an odds-ratio term, no "
+        "reference), simpo (pairs, length-normalised reward with a target margin, no reference), kto (single "
+        "answers labelled desirable or undesirable, with a reference). Preference data: prompt/chosen/rejected, "
+        "or chosen/rejected conversations, or prompt/completion/label for kto.",
+        default=TrainingMethod.SFT,
+    )
+    beta: float = _help(
+        "Preference strength. dpo/kto: how far the policy may move from the reference (higher = closer to it; for "
+        "ipo it is the regularisation tau); orpo: weight of the odds-ratio term (lambda); simpo: reward scale. "
+        "0 = the method's default (dpo, orpo, kto 0.1; simpo 2.0).",
+        default=0.0,
+    )
+    dpo_loss_type: DpoLossType = _help(
+        "DPO only: sigmoid (the DPO paper), ipo (margin pulled towards 1/(2 beta); overfits pairs less) or hinge "
+        "(SLiC).",
+        default=DpoLossType.SIGMOID,
+    )
+    simpo_gamma: float = _help(
+        "SimPO only: the target reward margin between chosen and rejected (the paper uses 0.5 to 1.6).",
+        default=0.5,
+    )
+    desirable_weight: float = _help(
+        "KTO only: loss weight of desirable answers. Raise it when they are fewer than the undesirable ones, so "
+        "that desirable_weight x #desirable is 1 to 1.33 times undesirable_weight x #undesirable.",
+        default=1.0,
+    )
+    undesirable_weight: float = _help(
+        "KTO only: loss weight of undesirable answers (see desirable_weight).", default=1.0
+    )
+    best_metric: BestMetric = _help(
+        "What early stopping and load_best_model_at_end compare between evaluations: eval_loss (lower is better), "
+        "or reward_accuracy (higher is better; the share of held-out pairs whose chosen answer gets the higher "
+        "reward; dpo, orpo and simpo).",
+        default=BestMetric.EVAL_LOSS,
+    )
+    base_run: str = _help(
+        "Start from a finished run instead of model_name: its merged model (merged/; export it first if it has "
+        "none) becomes this run's base, and, for dpo and kto, the reference. The usual chain: an SFT run, then a "
+        "preference run on top of it.",
+        default="",
+    )
+
+    def __post_init__(self) -> None:
+        method = self.training_method
+        if self.beta < 0:
+            raise ConfigError(
+                f"beta must be >= 0, got {self.beta}", "field 'beta'", "use 0 for the method's default, or e.g. 0.1"
+            )
+        if self.simpo_gamma < 0:
+            raise ConfigError(
+                f"simpo_gamma must be >= 0, got {self.simpo_gamma}", "field 'simpo_gamma'", "use e.g. 0.5"
+            )
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError(
+                "desirable_weight and undesirable_weight must be > 0",
+                "fields 'desirable_weight'/'undesirable_weight'",
+                "use e.g. 1.0",
+            )
+        # A knob set for a method that ignores it is a mistake worth saying: the user expects it to act.
+        only = [  # (knob, set?, used by this method?, the methods that use it)
+            ("beta", self.beta != 0.0, method.is_preference, "dpo, orpo, simpo or kto"),
+            ("dpo_loss_type", self.dpo_loss_type is not DpoLossType.SIGMOID, method is TrainingMethod.DPO, "dpo"),
+            ("simpo_gamma", self.simpo_gamma != 0.5, method is TrainingMethod.SIMPO, "simpo"),
+            ("desirable_weight", self.desirable_weight != 1.0, method is TrainingMethod.KTO, "kto"),
+            ("undesirable_weight", self.undesirable_weight != 1.0, method is TrainingMethod.KTO, "kto"),
+            ("best_metric", self.best_metric is BestMetric.REWARD_ACCURACY, method.paired, "dpo, orpo or simpo"),
+        ]
+        for name, is_set, applies, methods in only:
+            if is_set and not applies:
+                raise ConfigError(
+                    f"{name} is used by training_method {methods} only, and training_method is '{method}'",
+                    f"fields '{name}'/'training_method'",
+                    f"remove {name}, or set training_method to {methods}",
+                )
+
+    def resolved_beta(self) -> float:
+        """beta, or the method's default when it is 0."""
+        return self.beta or DEFAULT_BETA.get(self.training_method.value, 0.0)
+
+
 @dataclass
 class EvaluationConfig:
     eval_save_format: EvalSaveFormat = _help(
@@ -525,6 +654,7 @@ _GROUPS: dict[str, type] = {
     "peft": PeftConfig,
     "quantization": QuantizationConfig,
     "training": TrainingConfig,
+    "preference": PreferenceConfig,
     "evaluation": EvaluationConfig,
     "export": ExportConfig,
     "run": RunConfig,
@@ -636,6 +766,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -667,6 +798,19 @@ class Config:
                 f"FSDP cannot shard a {quant} bitsandbytes model in this version",
                 "fields 'distributed'/'quantization'",
                 "use distributed: ddp for QLoRA on several GPUs, or quantization: none with fsdp",
+            )
+        method = self.preference.training_method
+        if method.is_preference and t.packing:
+            raise ConfigError(
+                f"packing joins rows into one sequence, and {method} compares whole answers to one prompt",
+                "fields 'packing'/'training_method'",
+                "set packing: false",
+            )
+        if method.is_preference and t.distributed is Distributed.FSDP and method.uses_reference:
+            raise ConfigError(
+                f"{method} under FSDP needs a sharded reference model, which this version does not set up",
+                "fields 'distributed'/'training_method'",
+                "use distributed: ddp, or training_method: orpo or simpo (no reference model)",
             )
         if peft is PeftType.NONE and quant is not Quantization.NONE:
             raise ConfigError(

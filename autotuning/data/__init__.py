@@ -23,24 +23,30 @@ import datasets
 
 from ..config import Config, TrainedTurns
 from ..errors import DataError
+from ..hub import hub_reachable
 from ..resources import cache_root
 from .encoding import (
     EncodedExample,
     EncodingStats,
+    chat_token_ids,
+    encode_answer,
     encode_example,
     encode_examples,
     end_of_turn_token_ids,
     render_prompt,
 )
 from .formats import ACCEPTED_FORMATS, FORMATS, TURN_FIXES, Format, RowError, detect_format, normalise_row
+from .loading import ASSETS as SAMPLES_DIR
 from .loading import BUILTIN_HUB_DATASETS, SAMPLE_FILES, RawData, load_rows, sample_path
-from .preference import preference_layout
+from .preference import normalise_preference_rows, preference_layout
 
 __all__ = [
     "PreparedData",
     "mask_segments",
     "preview_rows",
     "prepare_data",
+    "prepare_preference_data",
+    "preference_sample",
     "normalise_rows",
     "split_rows",
     "encode_rows",
@@ -49,6 +55,8 @@ __all__ = [
     "encode_examples",
     "end_of_turn_token_ids",
     "render_prompt",
+    "chat_token_ids",
+    "encode_answer",
     "detect_format",
     "sample_path",
     "EncodedExample",
@@ -369,3 +377,126 @@ def preview_rows(rows: list[dict], limit: int = 20) -> list[dict[str, str]]:
             }
         )
     return out
+
+
+# Bundled preference samples (our own writing: scripts/make_preference_samples.py), and the Hub datasets used when
+# dataset_path is empty and the Hub is reachable.
+_PREFERENCE_SAMPLES = {True: "preference_sample.jsonl", False: "kto_sample.jsonl"}
+_PREFERENCE_HUB = {True: "trl-lib/ultrafeedback_binarized", False: "trl-lib/kto-mix-14k"}
+
+
+def preference_sample(paired: bool) -> Path:
+    """The bundled pairs (dpo, orpo, simpo) or labelled answers (kto)."""
+    return SAMPLES_DIR / _PREFERENCE_SAMPLES[paired]
+
+
+def _load_preference_rows(config: Config) -> RawData:
+    d, paired = config.data, config.preference.training_method.paired
+    name = "sample:preference" if paired else "sample:kto"
+    if d.dataset_path in ("sample", name):
+        raw = load_rows(d.fine_tuning_type, str(preference_sample(paired)))
+        raw.source = name
+        return raw
+    if not d.dataset_path:
+        if hub_reachable():
+            return load_rows(d.fine_tuning_type, _PREFERENCE_HUB[paired], "", "train", config.model.hf_token or None)
+        raw = load_rows(d.fine_tuning_type, str(preference_sample(paired)))
+        raw.source = name
+        raw.notes.append(f"the Hub is unreachable, so the bundled {name} is used instead of {_PREFERENCE_HUB[paired]}")
+        return raw
+    return load_rows(
+        d.fine_tuning_type,
+        d.dataset_path,
+        d.dataset_config,
+        d.dataset_split,
+        token=config.model.hf_token or None,
+        max_samples=d.max_samples,
+    )
+
+
+def _with_system(rows: list[dict], system_prompt: str) -> list[dict]:
+    if not system_prompt:
+        return rows
+    return [
+        r
+        if r["prompt"][0]["role"] == "system"
+        else {**r, "prompt": [{"role": "system", "content": system_prompt}, *r["prompt"]]}
+        for r in rows
+    ]
+
+
+def _answers(row: dict) -> list[list[dict]]:
+    return [row[k] for k in ("chosen", "rejected", "completion") if k in row]
+
+
+def _preference_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    """Tokens of prompt + answer through the chat template, for every answer of every row (the longest per row)."""
+    lengths = []
+    for row in rows:
+        lengths.append(max(len(chat_token_ids(tokenizer, row["prompt"] + answer)) for answer in _answers(row)))
+    return lengths
+
+
+def prepare_preference_data(config: Config, tokenizer) -> PreparedData:
+    """Preference rows, normalised to TRL's conversational schema and split; TRL tokenises them with the chat template.
+
+    ``train`` / ``eval`` are datasets of ``prompt`` / ``chosen`` / ``rejected`` message lists (or ``prompt`` /
+    ``completion`` / ``label`` for KTO). Every error names the file, row and field, before anything is written.
+    """
+    d = config.data
+    paired = config.preference.training_method.paired
+    raw = _load_preference_rows(config)
+    fmt, rows, skipped = normalise_preference_rows(raw, paired, d.skip_bad_rows)
+    if skipped:
+        log.warning("skipped %d bad rows of %d (skip_bad_rows)", skipped, len(raw.rows))
+    rows = _with_system(rows, d.system_prompt)
+    train_rows, eval_rows = split_rows(rows, d.eval_split, config.training.seed, d.max_samples)
+    if not paired and len({r["label"] for r in train_rows}) < 2:
+        raise DataError(
+            "kto needs both desirable (label true) and undesirable (label false) answers in the training rows",
+            raw.source,
+            "add rows of the missing kind",
+        )
+    lengths = _preference_lengths(tokenizer, train_rows + eval_rows)
+    too_long = sum(n > d.max_seq_length for n in lengths)
+    if too_long:
+        log.warning(
+            "%d of %d rows are longer than max_seq_length=%d with their longest answer: the end of that answer is "
+            "cut off",
+            too_long,
+            len(lengths),
+            d.max_seq_length,
+        )
+
+    def stats(part: list[dict], part_lengths: list[int]) -> dict[str, Any]:
+        ordered = sorted(part_lengths)
+        out = {
+            "rows": len(part),
+            "median_tokens": ordered[len(ordered) // 2] if ordered else 0,
+            "truncated_rows": sum(n > d.max_seq_length for n in part_lengths),
+            "answer_lost_rows": 0,
+        }
+        if not paired:
+            out["desirable_rows"] = sum(bool(r["label"]) for r in part)
+        return out
+
+    n_train = len(train_rows)
+    return PreparedData(
+        source=raw.source,
+        format=fmt,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        train=datasets.Dataset.from_list(train_rows),
+        eval=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+        stats={
+            "source": raw.source,
+            "format": fmt,
+            "rows_read": len(raw.rows),
+            "rows_skipped": skipped,
+            "train": stats(train_rows, lengths[:n_train]),
+            "eval": stats(eval_rows, lengths[n_train:]) if eval_rows else None,
+        },
+        notes=list(raw.notes),
+        fingerprint=_fingerprint(rows),
+        lengths=lengths,
+    )

@@ -41,6 +41,8 @@ __all__ = [
     "encode_examples",
     "end_of_turn_token_ids",
     "render_prompt",
+    "chat_token_ids",
+    "encode_answer",
 ]
 
 
@@ -93,6 +95,24 @@ class EncodingStats:
             "max_tokens": lengths[-1] if lengths else 0,
             "mean_tokens": round(sum(lengths) / len(lengths), 1) if lengths else 0.0,
         }
+
+
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of messages through the chat template (transformers 5 returns a BatchEncoding for tokenize=True)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def encode_answer(tokenizer, prompt: list[dict], answer: list[dict], max_length: int) -> tuple[list[int], int]:
+    """(token ids of prompt + answer through the chat template, where the answer starts), cut to ``max_length``.
+
+    The answer starts where the tokenised prompt (with the generation prompt) and prompt + answer diverge, as in
+    TRL's preference trainers, so the scored tokens are the ones they train.
+    """
+    prompt_ids = chat_token_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = chat_token_ids(tokenizer, prompt + answer)
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
+    return full[:max_length], min(start, max_length)
 
 
 def render_prompt(tokenizer, prompt: list[dict]) -> str:

@@ -18,6 +18,7 @@ This layer sits just above config: it never imports torch, so listing runs stays
 from .checkpoints import checkpoint_step, last_checkpoint, resume_checkpoint
 from .directory import (
     RunDir,
+    base_run_model,
     clear_run_dir,
     default_run_name,
     library_versions,
@@ -37,6 +38,7 @@ __all__ = [
     "MetricsSink",
     "Operation",
     "RunDir",
+    "base_run_model",
     "RunLock",
     "RunStatus",
     "checkpoint_step",

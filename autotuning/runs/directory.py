@@ -26,6 +26,7 @@ __all__ = [
     "default_run_name",
     "write_json_atomic",
     "load_run_config",
+    "base_run_model",
     "list_runs",
     "clear_run_dir",
 ]
@@ -128,6 +129,29 @@ def resolve_run_dir(config: Config) -> RunDir:
             f"cannot write to output_dir ({exc.strerror or exc})", where, "choose a writable directory"
         ) from None
     return run
+
+
+def base_run_model(base_run: str | Path) -> Path:
+    """The model a chained run starts from: the finished base run's merged model, or a ConfigError saying why not."""
+    raw = str(base_run)
+    where = f"field 'base_run' = {raw}"
+    run = RunDir(Path(raw).expanduser())
+    if not run.exists():
+        raise ConfigError("not a run directory (no run.json)", where, "point base_run at a finished run's directory")
+    status = run.read().get("status")
+    if status != RunStatus.FINISHED.value:
+        raise ConfigError(
+            f"the base run is {status or 'unknown'}, not finished",
+            where,
+            "finish it first (resume it, or pick a finished run)",
+        )
+    if not (run.merged / "config.json").is_file():
+        raise ConfigError(
+            "the base run has no merged model",
+            where,
+            f"export it first: python -m autotuning export --run {run.path} --format torch",
+        )
+    return run.merged
 
 
 def load_run_config(run_dir: str | Path, hf_token: str = "") -> Config:

@@ -15,6 +15,15 @@ from ..runs.events import MetricsSink
 __all__ = ["MetricsCallback", "StopCallback", "FinalCheckpointCallback"]
 
 _TRAIN_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+# What TRL's preference trainers log (DPO, ORPO, CPO/SimPO; KTO has no accuracy), under our event names.
+_PREFERENCE_KEYS = {
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+    "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected",
+}
 
 
 class MetricsCallback(TrainerCallback):
@@ -41,11 +50,13 @@ class MetricsCallback(TrainerCallback):
             event["type"] = "eval"
             event["eval_loss"] = float(logs["eval_loss"])
             event["eval_perplexity"] = math.exp(min(float(logs["eval_loss"]), 50.0))
+            event.update(_preference_values(logs, "eval_"))
         elif "loss" in logs:
             event["type"] = "train"
             for key, name in _TRAIN_KEYS.items():
                 if key in logs and logs[key] is not None:
                     event[name] = float(logs[key])
+            event.update(_preference_values(logs, ""))
             tokens = state.num_input_tokens_seen or 0
             if now > self._last_time and tokens >= self._last_tokens:
                 event["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 1)
@@ -63,6 +74,14 @@ class MetricsCallback(TrainerCallback):
             event["eta_s"] = round(max(0.0, (state.max_steps - step) * elapsed / done), 1)
         event["max_steps"] = state.max_steps
         self.sink.emit(event)
+
+
+def _preference_values(logs: dict, prefix: str) -> dict[str, float]:
+    return {
+        f"{prefix}{name}": float(logs[prefix + key])
+        for key, name in _PREFERENCE_KEYS.items()
+        if logs.get(prefix + key) is not None
+    }
 
 
 class StopCallback(TrainerCallback):

@@ -13,17 +13,28 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
-from ..config import Config, Distributed
+from ..config import BestMetric, Config, Distributed
 
-__all__ = ["build_sft_config", "build_trainer", "use_model_loss"]
+__all__ = [
+    "build_sft_config",
+    "build_trainer",
+    "use_model_loss",
+    "common_arguments",
+    "with_early_stopping",
+    "quiet_progress",
+]
 
 
-def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
+def common_arguments(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
+    """The TrainingArguments every method shares (schedule, precision, logging, checkpoints), as keyword arguments.
 
+    SFT and the preference methods (:mod:`.preference`) build their TRL config from these plus their own.
+    """
     t = config.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps > 0) else None
     select_best = bool(eval_every) and (t.load_best_model_at_end or t.early_stopping_patience > 0)
-    return SFTConfig(
+    best = _best_metric(config)
+    return dict(
         output_dir=str(checkpoint_dir),
         # Schedule
         num_train_epochs=t.num_train_epochs,
@@ -47,13 +58,7 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         use_cpu=not torch.cuda.is_available(),
         # Several CPU processes (distributed: ddp on CPU) talk over gloo; GPUs use the default (nccl).
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        # Data: rows arrive tokenised with a completion mask; TRL turns it into labels (-100 on prompts).
         max_length=config.data.max_seq_length,
-        completion_only_loss=True,
-        packing=t.packing,
-        # Every batch is padded to its longest row, never to max_seq_length; grouping rows of similar length
-        # (in shuffled megabatches) leaves little padding even then.
-        train_sampling_strategy="group_by_length" if (t.group_by_length and not t.packing) else "random",
         dataset_num_proc=None,
         # Logging, evaluation, checkpoints
         logging_steps=t.logging_steps,
@@ -64,16 +69,52 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         # baseline (which has no checkpoint) would count as the best.
         eval_on_start=bool(eval_every) and not select_best,
         load_best_model_at_end=select_best and t.load_best_model_at_end,
-        metric_for_best_model="eval_loss" if select_best else None,
-        greater_is_better=False if select_best else None,
+        metric_for_best_model=best[0] if select_best else None,
+        greater_is_better=best[1] if select_best else None,
         save_strategy="steps",
         save_steps=eval_every if select_best else t.save_steps,  # the best must be a saved checkpoint
         save_total_limit=t.save_total_limit,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # for tokens/s in the metric events
         report_to="none",
         disable_tqdm=not show_progress,
         dataloader_num_workers=0,
     )
+
+
+def _best_metric(config: Config) -> tuple[str, bool]:
+    """(the Trainer's metric_for_best_model, greater_is_better) for the config's best_metric."""
+    if config.preference.best_metric is BestMetric.REWARD_ACCURACY:
+        return "eval_rewards/accuracies", True
+    return "eval_loss", False
+
+
+def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
+    t = config.training
+    return SFTConfig(
+        **common_arguments(config, checkpoint_dir, precision, has_eval, show_progress),
+        # Data: rows arrive tokenised with a completion mask; TRL turns it into labels (-100 on prompts).
+        completion_only_loss=True,
+        packing=t.packing,
+        # Every batch is padded to its longest row, never to max_seq_length; grouping rows of similar length
+        # (in shuffled megabatches) leaves little padding even then.
+        train_sampling_strategy="group_by_length" if (t.group_by_length and not t.packing) else "random",
+    )
+
+
+def with_early_stopping(config: Config, args, callbacks: list) -> list:
+    """The callbacks, plus early stopping when the config asks for it (and a best-checkpoint metric is set)."""
+    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
+        return [
+            *callbacks,
+            EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
+        ]
+    return callbacks
+
+
+def quiet_progress() -> None:
+    """No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events."""
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
 
 
 def build_trainer(
@@ -89,16 +130,9 @@ def build_trainer(
 ):
 
     if not show_progress:
-        # No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events.
-
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+        quiet_progress()
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
-    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
-        callbacks = [
-            *callbacks,
-            EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
-        ]
+    callbacks = with_early_stopping(config, args, callbacks)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
     trainer = _trainer_class(use_model_loss(config, vocab_size, precision))(
         model=model,
