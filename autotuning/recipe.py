@@ -628,15 +628,19 @@ def _checkpoint_selection(trainer) -> dict[str, Any] | None:
     """Which checkpoint the run ended on when a best-checkpoint metric is set, and why."""
     if not trainer.args.metric_for_best_model:
         return None
-    state = trainer.state
+    state, args = trainer.state, trainer.args
     best = state.best_model_checkpoint
+    # The Trainer's names (eval_loss, eval_rewards/accuracies) as the metric events and charts call them.
+    metric = "eval_reward_accuracy" if args.metric_for_best_model.endswith("rewards/accuracies") else "eval_loss"
     selection = {
         "best_checkpoint": best,
-        "best_eval_loss": state.best_metric,
-        "restored": bool(trainer.args.load_best_model_at_end and best),
+        "metric": metric,
+        "best_value": state.best_metric,
+        "restored": bool(args.load_best_model_at_end and best),
         "early_stopped": state.global_step < state.max_steps,
         "why": (
-            f"lowest eval loss {state.best_metric:.4f} at {Path(best).name}"
+            f"{'highest' if args.greater_is_better else 'lowest'} {metric.removeprefix('eval_').replace('_', ' ')}"
+            f" {state.best_metric:.4f} at {Path(best).name}"
             if best and state.best_metric is not None
             else "no evaluation produced a checkpoint"
         ),

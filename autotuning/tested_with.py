@@ -88,6 +88,15 @@ def _export_text(name: str, verdict: str, runs: list[dict[str, Any]]) -> str:
     return f"{name} {verdict}{count} ({worst_of}{', '.join(parts)})" if parts else f"{name} {verdict}{count}"
 
 
+def _type_text(entry: dict[str, Any]) -> str:
+    """'instruction 2.1 -> 0.3 (12 steps)', or for a preference method its held-out margin, base -> tuned."""
+    kind = _SHORT_TYPES.get(entry["fine_tuning_type"], entry["fine_tuning_type"])
+    if entry.get("eval_loss") is None and entry.get("preference_margin") is not None:
+        base, tuned = entry.get("base_preference_margin"), entry["preference_margin"]
+        return f"{kind} margin {_figure(base)} -> {_figure(tuned)} nats ({entry.get('steps')} steps)"
+    return f"{kind} {_figure(entry.get('base_eval_loss'))} -> {_figure(entry.get('eval_loss'))} ({entry.get('steps')} steps)"
+
+
 def render_table(data: dict[str, Any]) -> str:
     """One row per model: its fine-tuning types with base -> tuned answer-token loss, exports with figures, device."""
     by_model: dict[str, list[dict[str, Any]]] = {}
@@ -97,18 +106,15 @@ def render_table(data: dict[str, Any]) -> str:
         f"<!-- generated from {RECORDS.relative_to(RECORDS.parent.parent)} by `python -m autotuning.tested_with "
         "--write`; refresh both with AUTOTUNING_RECORD_TESTED_WITH=1 python -m pytest -m real_model -->",
         "",
-        "| model | architecture | fine-tuning types (held-out answer loss, base -> tuned) | exports (checks) | device |",
+        "| model | architecture | fine-tuning types (held-out answer loss, base -> tuned; preference methods: held-out"
+        " log p(chosen) - log p(rejected)) | exports (checks) | device |",
         "| --- | --- | --- | --- | --- |",
     ]
     for model, entries in by_model.items():
         first = entries[0]
         params = f", {first['parameters'] / 1e6:.0f}M" if first.get("parameters") else ""
         source = f" (`{first['model_name']}`, from {first['source']})" if first.get("source") else ""
-        types = "; ".join(
-            f"{_SHORT_TYPES.get(e['fine_tuning_type'], e['fine_tuning_type'])} "
-            f"{_figure(e.get('base_eval_loss'))} -> {_figure(e.get('eval_loss'))} ({e.get('steps')} steps)"
-            for e in entries
-        )
+        types = "; ".join(_type_text(e) for e in entries)
         grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for e in entries:
             for fmt, fig in (e.get("exports") or {}).items():

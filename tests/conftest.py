@@ -92,6 +92,9 @@ class TestedWith:
                 "precision": run.get("precision"),
                 "base_eval_loss": results.get("base_eval_loss"),
                 "eval_loss": results.get("eval_loss"),
+                # Preference runs: log p(chosen) - log p(rejected) on held-out pairs, in nats.
+                "base_preference_margin": results.get("base_preference_margin"),
+                "preference_margin": results.get("preference_margin"),
                 # Figures only: the files lay in the test's temporary folder.
                 "exports": {
                     fmt: {k: v for k, v in fig.items() if k not in ("path", "modelfile", "files")}

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from autotuning.cli import main as cli_main
 from autotuning.config import ConfigError, load_config
 from autotuning.data import encode_answer, prepare_preference_data
 from autotuning.errors import DataError
 from autotuning.modeling import apply_peft, load_model, load_tokenizer
 from autotuning.recipe import run_job
-from autotuning.runs import read_metrics
+from autotuning.runs import load_run_config, read_metrics
 from autotuning.training.preference import REFERENCE_ADAPTER, build_preference_trainer
 
 
@@ -156,3 +162,149 @@ def test_only_the_answer_tokens_count_with_a_real_tokenizer(tmp_path, smollm2_di
     _check_mask(trainer, tokenizer, data)
     chosen, _ = _collated_mask_text(trainer, tokenizer)
     assert chosen.rstrip().endswith("<|im_end|>")  # the end of the turn is trained: the model learns to stop
+
+
+# Memorisable pairs: every chosen answer names a word of one set, every rejected one a word of the other, each word
+# one token of the tiny tokenizer. The held-out pairs are new pairings of words seen in training, so a model that
+# learns the preference ranks them right, and the base, which has no reason to prefer either set, is near chance.
+_GOOD = ["blue", "book", "clean", "cool", "easy", "code", "cup", "car", "air", "day"]
+_BAD = ["acid", "burn", "cold", "dry", "death", "empty", "break", "black", "ban", "blood"]
+
+
+def _memorisable_pairs(path) -> str:
+    rng = random.Random(0)
+    rows = []
+    for good in _GOOD:
+        for bad in _BAD:
+            first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
+            rows.append(
+                {"prompt": f"Pick one: {first} or {second}.", "chosen": f"I pick {good}.", "rejected": f"I pick {bad}."}
+            )
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_dpo_learns_memorisable_pairs_on_held_out_pairs(tmp_path):
+    # 40 steps at 5e-3 ranked 19 or 20 of the 20 held-out pairs right at seeds 42, 1, 2, 3 and 7 (base 0.55 to 0.75).
+    data = _memorisable_pairs(tmp_path / "pairs.jsonl")
+    config = _config(tmp_path, "dpo", dataset_path=data, max_steps=40, per_device_train_batch_size=8, eval_split=0.2)
+    assert all(len(load_tokenizer(config).tokenize(f" {w}")) == 1 for w in _GOOD + _BAD)
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished"
+    results = json.loads((result.run_dir / "eval_results.json").read_text())
+    assert results["eval_pairs"] == 20
+    assert results["base_preference_accuracy"] <= 0.8  # the base does not already know the preference
+    assert results["preference_accuracy"] >= 0.9
+    assert results["reward_accuracy"] >= 0.9
+    assert results["preference_margin"] - results["base_preference_margin"] > 1.0  # nats, mean over held-out pairs
+
+
+def test_early_stopping_and_the_best_checkpoint_on_reward_accuracy(tmp_path):
+    # Held-out reward accuracy climbs to its ceiling within a few evaluations, then cannot improve: early stopping
+    # ends the run, and the checkpoint kept is the first evaluation that reached the highest accuracy.
+    data = _memorisable_pairs(tmp_path / "pairs.jsonl")
+    config = _config(
+        tmp_path,
+        "dpo",
+        dataset_path=data,
+        max_steps=60,
+        per_device_train_batch_size=8,
+        eval_split=0.2,
+        eval_steps=2,
+        best_metric="reward_accuracy",
+        early_stopping_patience=2,
+        load_best_model_at_end="true",
+        save_total_limit=10,
+    )
+    result = run_job(config, show_progress=False)
+    assert result.status == "finished" and result.global_step < 60
+    selection = json.loads((result.run_dir / "run.json").read_text())["checkpoint_selection"]
+    assert selection["metric"] == "eval_reward_accuracy" and selection["early_stopped"] and selection["restored"]
+    evals = [e for e in read_metrics(result.run_dir / "metrics.jsonl") if e["type"] == "eval"]
+    accuracies = [e["eval_reward_accuracy"] for e in evals]
+    best = evals[accuracies.index(max(accuracies))]  # the first at the highest: a tie is no improvement
+    assert selection["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert selection["best_value"] == pytest.approx(best["eval_reward_accuracy"])
+    assert "highest reward accuracy" in selection["why"]
+    best_adapter = load_file(str(Path(selection["best_checkpoint"]) / "adapter_model.safetensors"))
+    final_adapter = load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(best_adapter[k], final_adapter[k]) for k in best_adapter)
+
+
+def test_an_sft_run_chained_into_dpo_starts_from_its_merged_model(tmp_path):
+    from autotuning.config import FineTuningType
+    from autotuning.data import sample_path
+
+    sft = _config(tmp_path / "sft", "sft", dataset_path=sample_path(FineTuningType.INSTRUCTION), max_steps=6)
+    sft_result = run_job(sft, show_progress=False)
+    assert sft_result.exports["torch"]["status"] == "verified"
+    settings = {
+        "model_name": "builtin:tiny-llama",
+        "training_method": "dpo",
+        "base_run": str(sft_result.run_dir),
+        "dataset_path": "sample",
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "max_seq_length": 128,
+        "eval_split": 0.1,
+        "eval_generations": 1,
+        "eval_max_new_tokens": 4,
+        "save_format": ["torch", "gguf"],
+        "gguf_type": "q8_0",
+        "output_dir": str(tmp_path / "dpo"),
+    }
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert cli_main(["train", "--config", str(path), "--quiet"]) == 0
+    record = json.loads((tmp_path / "dpo" / "run.json").read_text())
+    assert record["status"] == "finished" and record["base_run"] == str(sft_result.run_dir)
+    assert {fmt: record["exports"][fmt]["status"] for fmt in ("torch", "gguf")} == dict.fromkeys(
+        ("torch", "gguf"), "verified"
+    )
+    # The SFT model is this run's base: the reference of DPO, and the model the evaluation compares with.
+    saved = load_run_config(tmp_path / "dpo")
+    assert Path(saved.model.model_name) == (sft_result.run_dir / "merged").resolve()
+    results = json.loads((tmp_path / "dpo" / "eval_results.json").read_text())
+    assert math.isfinite(results["reward_margin"]) and "base_preference_margin" in results
+
+
+@pytest.mark.real_model
+def test_dpo_trains_smollm2_through_the_cli_and_its_exports_verify(tmp_path, smollm2_dir, tested_with):
+    settings = {
+        "model_name": str(smollm2_dir),
+        "training_method": "dpo",
+        "dataset_path": "sample",
+        "max_seq_length": 128,
+        "peft_type": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "max_steps": 12,
+        "learning_rate": 5e-5,
+        "warmup_ratio": 0.0,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "eval_split": 0.1,
+        "eval_generations": 2,
+        "eval_max_new_tokens": 8,
+        "save_format": ["torch", "gguf"],
+        "gguf_type": "q8_0",
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    started = time.monotonic()
+    assert cli_main(["train", "--config", str(path), "--quiet"]) == 0
+    elapsed = time.monotonic() - started
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert record["status"] == "finished" and record["training_method"] == "dpo"
+    assert {fmt: record["exports"][fmt]["status"] for fmt in ("torch", "gguf")} == dict.fromkeys(
+        ("torch", "gguf"), "verified"
+    )
+    # On held-out pairs (not trained on), the tuned model prefers the chosen answers by more than the base does.
+    assert results["preference_margin"] > results["base_preference_margin"]
+    assert results["reward_accuracy"] >= 0.9
+    tested_with.record(smollm2_dir, "dpo", record, results, elapsed)

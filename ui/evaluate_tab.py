@@ -70,6 +70,8 @@ def wire(ctx: AppContext, parts: dict, hf_token: gr.Textbox) -> None:
             ]
         )
         samples = pd.DataFrame(report["samples"])
+        if "rejected" in samples.columns:  # a preference run: the reference is the chosen answer
+            samples = samples.rename(columns={"reference": "chosen"})
         samples = samples.map(lambda v: v if not isinstance(v, str) or len(v) <= 300 else v[:300] + " …")
         widths = [f"{100 // max(1, len(samples.columns))}%"] * len(samples.columns)
         return metrics, gr.update(value=samples, column_widths=widths), report["path"]

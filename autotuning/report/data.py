@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ __all__ = ["Report", "build_report", "fmt_value"]
 
 _SHOWN_PREDICTIONS = 10
 _HASH_CACHE = ".checksums.json"
-_SECRET_KEYS = ("token", "secret", "password")
+# A config key is a secret when its last word is one of these: hf_token is, eval_max_new_tokens is not.
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password)$")
 
 
 def fmt_value(value: Any) -> str:
@@ -41,6 +43,7 @@ class Report:
     status: str
     model_name: str
     fine_tuning_type: str
+    training_method: str  # sft, or the preference method (dpo, orpo, simpo, kto)
     device: str
     precision: str
     global_step: Any
@@ -51,8 +54,11 @@ class Report:
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, value)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     learning_rate: list[tuple[int, float]] = field(default_factory=list)
+    reward_margin: list[tuple[int, float]] = field(default_factory=list)  # preference runs
+    reward_accuracy: list[tuple[int, float]] = field(default_factory=list)
+    eval_reward_accuracy: list[tuple[int, float]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # metric, base, tuned, change
-    predictions: list[dict[str, Any]] = field(default_factory=list)  # prompt, reference, base, tuned
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # prompt, reference, rejected?, base, tuned
     predictions_total: int = 0
     dataset: dict[str, Any] | None = None  # fingerprint, rows_read, rows_skipped, splits, notes
     verification: list[dict[str, Any]] = field(default_factory=list)  # one row per export, see _verification
@@ -61,6 +67,20 @@ class Report:
     train_peak: dict[str, Any] | None = None  # what, bytes
     config_text: str = ""
     versions: list[dict[str, Any]] = field(default_factory=list)  # library, version
+
+    @property
+    def prediction_columns(self) -> list[tuple[str, str]]:
+        """(heading, key) of the sample predictions table: a preference run's reference is its chosen answer, shown
+        next to the rejected one."""
+        if any("rejected" in p for p in self.predictions):
+            return [
+                ("prompt", "prompt"),
+                ("chosen", "reference"),
+                ("rejected", "rejected"),
+                ("base", "base"),
+                ("fine-tuned", "tuned"),
+            ]
+        return [("prompt", "prompt"), ("reference", "reference"), ("base", "base"), ("fine-tuned", "tuned")]
 
     @property
     def unverified(self) -> list[dict[str, Any]]:
@@ -237,7 +257,7 @@ def _checkpoint(selection: dict[str, Any] | None) -> dict[str, Any] | None:
 def _redacted_config(run: RunDir) -> str:
     text = run.config_path.read_text(encoding="utf-8") if run.config_path.is_file() else ""
     return "\n".join(
-        line.split(":")[0] + ": ***" if any(s in line.split(":")[0].lower() for s in _SECRET_KEYS) else line
+        line.split(":")[0] + ": ***" if _SECRET_KEY.search(line.split(":")[0].strip().lower()) else line
         for line in text.splitlines()
     )
 
@@ -263,6 +283,7 @@ def build_report(run_dir: str | Path) -> Report:
         status=str(r.get("status", "unknown")),
         model_name=str(r.get("model_name", "")),
         fine_tuning_type=str(r.get("fine_tuning_type", "")),
+        training_method=str(r.get("training_method") or "sft"),
         device=str(r.get("device", "")),
         precision=str(r.get("precision", "")),
         global_step=r.get("global_step", ""),
@@ -273,11 +294,15 @@ def build_report(run_dir: str | Path) -> Report:
         train_loss=_series(events, "train", "loss"),
         eval_loss=_series(events, "eval", "eval_loss"),
         learning_rate=_series(events, "train", "learning_rate"),
+        reward_margin=_series(events, "train", "reward_margin"),
+        reward_accuracy=_series(events, "train", "reward_accuracy"),
+        eval_reward_accuracy=_series(events, "eval", "eval_reward_accuracy"),
         metrics=_metric_rows(r.get("eval_results") or {}),
         predictions=[
             {
                 "prompt": p.get("prompt", ""),
                 "reference": p.get("reference", ""),
+                **({"rejected": p["rejected"]} if "rejected" in p else {}),
                 "base": p.get("base_prediction"),
                 "tuned": p.get("prediction", ""),
             }

@@ -44,19 +44,20 @@ _ENV = Environment(
 _ENV.filters.update(cell=_cell, md_cell=_md_cell)
 
 
+def _xy(points: list[tuple[int, float]]) -> dict[str, list[Any]]:
+    return {"x": [p[0] for p in points], "y": [p[1] for p in points]}
+
+
 def _loss_chart(report: Report) -> str:
     """Train loss, eval loss and learning rate (second axis) as a plotly div with plotly.js inlined."""
 
-    def xy(points: list[tuple[int, float]]) -> dict[str, list[Any]]:
-        return {"x": [p[0] for p in points], "y": [p[1] for p in points]}
-
     line = {"type": "scatter", "mode": "lines+markers"}
     traces = [
-        {**line, **xy(report.train_loss), "name": "train loss"},
-        {**line, **xy(report.eval_loss), "name": "eval loss", "marker": {"symbol": "diamond", "size": 8}},
+        {**line, **_xy(report.train_loss), "name": "train loss"},
+        {**line, **_xy(report.eval_loss), "name": "eval loss", "marker": {"symbol": "diamond", "size": 8}},
         {
             **line,
-            **xy(report.learning_rate),
+            **_xy(report.learning_rate),
             "mode": "lines",
             "name": "learning rate",
             "yaxis": "y2",
@@ -76,11 +77,43 @@ def _loss_chart(report: Report) -> str:
     return pio.to_html({"data": traces, "layout": layout}, include_plotlyjs=True, full_html=False, div_id="loss-chart")
 
 
+def _rewards_chart(report: Report) -> str | None:
+    """Preference runs: the train reward margin, and train and eval reward accuracy (second axis); plotly.js is
+    already in the page with the loss chart."""
+    if not (report.reward_margin or report.eval_reward_accuracy):
+        return None
+    line = {"type": "scatter", "mode": "lines+markers"}
+    traces = [
+        {**line, **_xy(report.reward_margin), "name": "reward margin"},
+        {**line, **_xy(report.reward_accuracy), "name": "reward accuracy", "yaxis": "y2", "line": {"dash": "dot"}},
+        {
+            **line,
+            **_xy(report.eval_reward_accuracy),
+            "name": "eval reward accuracy",
+            "yaxis": "y2",
+            "marker": {"symbol": "diamond", "size": 8},
+        },
+    ]
+    layout = {
+        "title": {"text": "Rewards"},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"title": {"text": "reward margin"}},
+        "yaxis2": {"title": {"text": "reward accuracy"}, "overlaying": "y", "side": "right", "range": [0, 1.05]},
+        "height": 380,
+        "margin": {"l": 60, "r": 60, "t": 50, "b": 50},
+        "legend": {"orientation": "h"},
+    }
+    return pio.to_html(
+        {"data": traces, "layout": layout}, include_plotlyjs=False, full_html=False, div_id="rewards-chart"
+    )
+
+
 def render_html(report: Report) -> str:
     """The self-contained report.html."""
     has_curves = bool(report.train_loss or report.eval_loss or report.learning_rate)
     chart = _loss_chart(report) if has_curves else None
-    return _ENV.get_template("report.html.j2").render(report=report, chart=chart)
+    rewards = _rewards_chart(report) if chart else None
+    return _ENV.get_template("report.html.j2").render(report=report, chart=chart, rewards_chart=rewards)
 
 
 def render_markdown(report: Report) -> str:

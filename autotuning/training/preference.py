@@ -17,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import PeftModel
-from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from ..config import Config, TrainingMethod
-from .trainer import common_arguments, quiet_progress, with_early_stopping
+from .trainer import assemble_trainer, common_arguments, quiet_progress
 
 __all__ = ["build_preference_config", "build_preference_trainer", "REFERENCE_ADAPTER"]
 
@@ -80,18 +79,9 @@ def build_preference_trainer(
     if not show_progress:
         quiet_progress()
     args = build_preference_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
-    callbacks = with_early_stopping(config, args, callbacks)
-    trainer = _TRAINERS[config.preference.training_method](
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    trainer_class = _TRAINERS[config.preference.training_method]
+    trainer = assemble_trainer(trainer_class, config, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
     _drop_reference_adapter(trainer.model)
-    if not show_progress:
-        trainer.remove_callback(PrinterCallback)
     return trainer
 
 

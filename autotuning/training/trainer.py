@@ -20,7 +20,7 @@ __all__ = [
     "build_trainer",
     "use_model_loss",
     "common_arguments",
-    "with_early_stopping",
+    "assemble_trainer",
     "quiet_progress",
 ]
 
@@ -101,20 +101,29 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
     )
 
 
-def with_early_stopping(config: Config, args, callbacks: list) -> list:
-    """The callbacks, plus early stopping when the config asks for it (and a best-checkpoint metric is set)."""
-    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
-        return [
-            *callbacks,
-            EarlyStoppingCallback(config.training.early_stopping_patience, config.training.early_stopping_threshold),
-        ]
-    return callbacks
-
-
 def quiet_progress() -> None:
     """No tqdm bars and no printed log dicts: a UI or a test shows progress from the metric events."""
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+
+
+def assemble_trainer(trainer_class, config: Config, args, model, tokenizer, train_dataset, eval_dataset, callbacks):
+    """Every method's trainer is built the same way: early stopping when the config asks for it (and the arguments
+    name a best-checkpoint metric), and no printed log dicts when progress is quiet."""
+    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
+        t = config.training
+        callbacks = [*callbacks, EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold)]
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def build_trainer(
@@ -128,23 +137,12 @@ def build_trainer(
     callbacks: list,
     show_progress: bool = True,
 ):
-
     if not show_progress:
         quiet_progress()
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
-    callbacks = with_early_stopping(config, args, callbacks)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-    trainer = _trainer_class(use_model_loss(config, vocab_size, precision))(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    if not show_progress:
-        trainer.remove_callback(PrinterCallback)
-    return trainer
+    trainer_class = _trainer_class(use_model_loss(config, vocab_size, precision))
+    return assemble_trainer(trainer_class, config, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
 
 
 # Above this size the full logits of one batch (the estimate's logits term) would crowd a GPU: TRL's chunked
