@@ -34,7 +34,7 @@ from .config import (
     quickstart_overrides,
 )
 from .data import encode_example, prepare_data
-from .distributed import Role
+from .distributed import Role, leave_process_group
 from .errors import UserError
 from .estimate import describe, estimate_memory
 from .evaluation import evaluate_run
@@ -211,16 +211,35 @@ def _cmd_train_launched(config: Config, quiet: bool) -> int:
             abort_event.set()
             return
         stop_event.set()
+        if not plan.writes_run:
+            print(
+                "\nending this machine's processes; the run fails on machine 0 (a stop from machine 0 saves a "
+                "checkpoint for every machine)",
+                file=sys.stderr,
+            )
+            return
         print(
             "\nstopping all processes at the next step and saving a checkpoint (Ctrl-C again to abort without saving)",
             file=sys.stderr,
         )
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    if not plan.writes_run:
+        t = config.training
+        print(
+            f"machine {t.machine_rank} of {t.num_machines}: training with machine 0 at {t.main_process_ip}; "
+            "machine 0 writes the run, metrics, evaluation and exports to its output_dir",
+            file=sys.stderr,
+        )
     try:
         rc = launch(plan, config, stop_event, abort_event)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if not plan.writes_run:
+        if rc == 0:
+            return EXIT_OK
+        print(f"error: this machine's processes ended with exit {rc}; machine 0's train.log says why", file=sys.stderr)
+        return EXIT_BAD_INPUT if rc == EXIT_BAD_INPUT else EXIT_FAILED
     record = RunDir(plan.run_dir).read()
     status = record.get("status")
     if status == RunStatus.FINISHED and rc == 0:
@@ -232,8 +251,10 @@ def _cmd_train_launched(config: Config, quiet: bool) -> int:
         return EXIT_STOPPED
     if rc == EXIT_BAD_INPUT:
         return EXIT_BAD_INPUT  # a rank printed the error line already
+    reason = f": {record['error']}" if record.get("error") else ""
     print(
-        f"error: the launched run ended with status {status or 'unknown'} (exit {rc}); see {plan.run_dir / 'train.log'}",
+        f"error: the launched run ended with status {status or 'unknown'} (exit {rc}){reason}; "
+        f"see {plan.run_dir / 'train.log'}",
         file=sys.stderr,
     )
     return EXIT_FAILED
@@ -261,6 +282,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_job(config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
     finally:
         signal.signal(signal.SIGINT, previous)
+        if launched:
+            leave_process_group()
     if not role.writes:
         return EXIT_OK  # rank 0 reports for the run
     if result.status == RunStatus.STOPPED:

@@ -29,6 +29,7 @@ __all__ = [
     "resolve_num_processes",
     "check_distributed",
     "stop_requested_everywhere",
+    "leave_process_group",
     "Role",
 ]
 
@@ -78,7 +79,7 @@ def check_distributed(config: Config) -> None:
             "field 'num_processes'",
             "set num_processes (e.g. 2) to train with several CPU processes",
         )
-    if wanted < 2:
+    if wanted * config.training.num_machines < 2:
         raise ConfigError(
             f"distributed: {mode} with {wanted} process gains nothing over one process",
             "field 'num_processes'",
@@ -99,6 +100,14 @@ def stop_requested_everywhere(local: bool, device) -> bool:
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def leave_process_group() -> None:
+    """End this process's membership of the process group before the interpreter exits. A process that exits
+    with gloo's threads still running aborts ("terminate called without an active exception"), which torchrun
+    reports as a failed machine; the other machines then wait out their exit barrier."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Role:

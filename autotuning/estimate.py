@@ -7,8 +7,8 @@ models), so parameter counts and the layers LoRA wraps are exact. Memory is then
   and kernels on a GPU), a measured constant;
 - **weights**: as :func:`autotuning.modeling.load_model` loads them: fp32 on CPU, bf16/fp16 on GPU for
   LoRA, 4-bit nf4 (0.5 byte + ~0.016 byte of double-quantized block scales per weight) or 8-bit
-  (1 byte + an fp32 scale per row); the parts bitsandbytes leaves alone are cast to fp32 by
-  ``prepare_model_for_kbit_training``;
+  (1 byte + an fp32 scale per row); the parts bitsandbytes leaves alone keep the dtype they load in
+  (``prepare_model_for_kbit_training`` makes them fp32, :func:`autotuning.modeling.apply_peft` casts them back);
 - **LoRA adapters**, their **gradients** and **AdamW state** (two fp32 moments), all fp32; a full
   fine-tune pays gradients and optimizer state for every weight;
 - **activations** kept for the backward pass, per token and layer (see :func:`_activation_bytes`),
@@ -178,11 +178,13 @@ def estimate_memory(
     compute = 2 if precision in ("bf16", "fp16") else 4
     # load_model: half-precision weights only on GPU for adapter training; fp32 otherwise.
     weight_bytes = 2 if (on_gpu and compute == 2 and peft is not PeftType.NONE) else 4
+    # The parts bitsandbytes leaves alone (norms, embeddings, head) stay in the dtype they load in: apply_peft
+    # recasts them after prepare_model_for_kbit_training made them fp32.
     if quant is Quantization.INT4:
-        weights = quantizable * (0.5 + 1 / 64 + 4 / (64 * 256)) + (total_params - quantizable) * 4
+        weights = quantizable * (0.5 + 1 / 64 + 4 / (64 * 256)) + (total_params - quantizable) * weight_bytes
     elif quant is Quantization.INT8:
         rows = sum(o for name, _i, o, _n in projections if not name.endswith("lm_head"))
-        weights = quantizable * 1 + rows * 4 + (total_params - quantizable) * 4
+        weights = quantizable * 1 + rows * 4 + (total_params - quantizable) * weight_bytes
     else:
         weights = total_params * weight_bytes
 

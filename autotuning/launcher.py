@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +38,14 @@ from .recipe import export_preflight
 from .runs import Operation, RunLock, RunStatus, clear_run_dir, resolve_run_dir, resume_checkpoint, truncate_metrics
 from .runs.checkpoints import checkpoint_step
 
-__all__ = ["LaunchPlan", "transformer_layer_class", "build_accelerate_config", "prepare_launch", "launch"]
+__all__ = [
+    "LaunchPlan",
+    "main_process_port",
+    "transformer_layer_class",
+    "build_accelerate_config",
+    "prepare_launch",
+    "launch",
+]
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,9 +80,22 @@ def _mixed_precision(config: Config) -> str:
     return {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
 
 
+# torch's usual rendezvous port, for machines that must agree on one without talking first.
+DEFAULT_MULTI_MACHINE_PORT = 29500
+
+
+def main_process_port(config: Config) -> int:
+    """The rendezvous port: the config's, else 29500 with several machines, else any free port on this one."""
+    t = config.training
+    return t.main_process_port or (DEFAULT_MULTI_MACHINE_PORT if t.num_machines > 1 else _free_port())
+
+
 def build_accelerate_config(config: Config, model_path: str, num_processes: int) -> dict[str, Any]:
-    """The accelerate config file's content for this run (written to ``<run>/accelerate_config.yaml``)."""
+    """The accelerate config file's content for this run (written to ``<run>/accelerate_config.yaml``).
+
+    ``num_processes`` is this machine's; accelerate's is the total over all machines."""
     gpus = gpu_count()
+    t = config.training
     data: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "debug": False,
@@ -81,15 +103,18 @@ def build_accelerate_config(config: Config, model_path: str, num_processes: int)
         # runs torch's elastic launcher with gloo, which is what works on one CPU machine.
         "distributed_type": "MULTI_GPU",
         "downcast_bf16": "no",
-        "machine_rank": 0,
+        "machine_rank": t.machine_rank,
         "main_training_function": "main",
         "mixed_precision": _mixed_precision(config) if gpus else "no",  # on CPU the Trainer's autocast decides
-        "num_machines": 1,
-        "num_processes": num_processes,
-        "rdzv_backend": "static",
+        "num_machines": t.num_machines,
+        "num_processes": num_processes * t.num_machines,
+        "rdzv_backend": t.rdzv_backend.value,
         "same_network": True,
         "use_cpu": False,
     }
+    if t.num_machines > 1:
+        data["main_process_ip"] = t.main_process_ip.strip()
+        data["main_process_port"] = main_process_port(config)
     if gpus:
         data["gpu_ids"] = "all"
     if config.training.distributed is Distributed.FSDP:
@@ -126,6 +151,12 @@ class LaunchPlan:
     num_processes: int
     env: dict[str, str] = field(default_factory=dict)
     lock: RunLock | None = None  # held by the parent from prepare_launch until launch returns
+    scratch: Path | None = None  # a machine other than 0: where its launch files are, removed after the launch
+
+    @property
+    def writes_run(self) -> bool:
+        """False on machines other than 0 of a multi-machine run: machine 0 writes the run."""
+        return self.scratch is None
 
     @property
     def command_line(self) -> str:
@@ -139,6 +170,8 @@ def prepare_launch(config: Config, extra_args: list[str] | tuple[str, ...] = ())
     single-process run).
     """
     check_distributed(config)
+    if config.training.machine_rank > 0:
+        return _prepare_other_machine(config, extra_args)
     run = resolve_run_dir(config)
     # The parent holds the run's lock for the whole launch: no other job can resume, export or overwrite it.
     lock = RunLock(run.path, Operation.TRAIN).acquire_if_present()
@@ -160,6 +193,43 @@ def prepare_launch(config: Config, extra_args: list[str] | tuple[str, ...] = ())
     return plan
 
 
+def _prepare_other_machine(config: Config, extra_args) -> LaunchPlan:
+    """Machine 1, 2, ... of a multi-machine run: its processes train, machine 0 writes the run. Nothing is written
+    to this machine's output_dir: the launch files go to a temporary folder, removed when the launch ends."""
+    model_path = resolve_model_path(config.model.model_name)
+    prepare_data(config, load_tokenizer(config))  # the same input checks as machine 0, before joining it
+    num_processes = resolve_num_processes(config)
+    accelerate = build_accelerate_config(config, model_path, num_processes)
+    folder = Path(tempfile.mkdtemp(prefix=f"autotuning-machine-{config.training.machine_rank}-"))
+    config_path = folder / "config.yaml"
+    config.save_yaml(config_path)
+    accelerate_path = folder / "accelerate_config.yaml"
+    accelerate_path.write_text(yaml.safe_dump(accelerate, sort_keys=False), encoding="utf-8")
+    command = _launch_command(accelerate_path, accelerate["main_process_port"], config_path, extra_args)
+    env = {LAUNCHED_ENV: str(Path(config.run.output_dir).expanduser().resolve())}
+    return LaunchPlan(
+        Path(config.run.output_dir).expanduser(), accelerate_path, command, num_processes, env, None, folder
+    )
+
+
+def _launch_command(accelerate_path: Path, port: int, config_path: Path, extra_args) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_path),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "autotuning",
+        "train",
+        "--config",
+        str(config_path),
+        *extra_args,
+    ]
+
+
 def _write_launch_files(
     run, config: Config, accelerate: dict[str, Any], num_processes: int, extra_args, lock: RunLock
 ) -> LaunchPlan:
@@ -176,21 +246,8 @@ def _write_launch_files(
     config.save_yaml(run.config_path)
     accelerate_path = run.path / "accelerate_config.yaml"
     accelerate_path.write_text(yaml.safe_dump(accelerate, sort_keys=False), encoding="utf-8")
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(accelerate_path),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "autotuning",
-        "train",
-        "--config",
-        str(run.config_path),
-        *extra_args,
-    ]
+    port = accelerate.get("main_process_port") or _free_port()
+    command = _launch_command(accelerate_path, port, run.config_path, extra_args)
     env = {LAUNCHED_ENV: str(run.path.resolve())}
     plan = LaunchPlan(run.path, accelerate_path, command, num_processes, env)
     previous = run.read()
@@ -199,7 +256,8 @@ def _write_launch_files(
         started_at=previous.get("started_at", time.time()),
         launch_command=plan.command_line,
         distributed=config.training.distributed.value,
-        num_processes=num_processes,
+        num_machines=config.training.num_machines,
+        num_processes=num_processes,  # per machine
     )
     return plan
 
@@ -222,6 +280,8 @@ def launch(
     finally:
         if plan.lock is not None:
             plan.lock.release()
+        if plan.scratch is not None:
+            shutil.rmtree(plan.scratch, ignore_errors=True)
 
 
 def _run_launched(plan, config, stop_event, abort_event, on_output, stop_grace_s) -> int:
@@ -263,7 +323,11 @@ def _run_launched(plan, config, stop_event, abort_event, on_output, stop_grace_s
             _terminate_group(proc)
             break
         if stop_event.is_set() and stop_sent_at is None:
-            (plan.run_dir / STOP_FILE).write_text("stop requested\n", encoding="utf-8")
+            if plan.writes_run:  # machine 0's ranks read it and tell every other rank (one all-reduce per step)
+                (plan.run_dir / STOP_FILE).write_text("stop requested\n", encoding="utf-8")
+            else:
+                _terminate_group(proc)  # another machine cannot ask for a checkpoint; machine 0 saves the last one
+                break
             stop_sent_at = time.monotonic()
         if stop_sent_at is not None and time.monotonic() - stop_sent_at > stop_grace_s:
             _terminate_group(proc)
@@ -272,7 +336,8 @@ def _run_launched(plan, config, stop_event, abort_event, on_output, stop_grace_s
     rc = proc.wait()
     if reader is not None:
         reader.join(timeout=5)
-    (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
+    if plan.writes_run:
+        (plan.run_dir / STOP_FILE).unlink(missing_ok=True)
     return rc
 
 

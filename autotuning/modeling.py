@@ -35,6 +35,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "build_fallback_template",
     "cache_root",
+    "recast_unquantized",
     "is_builtin",
     "ensure_builtin_model",
     "resolve_model_path",
@@ -405,6 +406,21 @@ def load_pretrained(config: Config, path: str, **kwargs: Any) -> torch.nn.Module
         raise _hub_error(name, exc, "model") from None
 
 
+def _unquantized_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the unquantized parameters were loaded in (bf16/fp16 on a GPU under mixed precision, else fp32)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def recast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Put the frozen unquantized parameters of a k-bit model back in the dtype they were loaded in, after PEFT's
+    ``prepare_model_for_kbit_training`` made them fp32. A no-op for an fp32 model (CPU, or fp32 training)."""
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad:
+            param.data = param.data.to(dtype)
+
+
 def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     """Wrap the model with LoRA adapters (QLoRA on a k-bit base), or leave it whole for a full fine-tune."""
     peft_type = config.peft.peft_type
@@ -412,10 +428,13 @@ def apply_peft(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         return model
 
     if config.quantization.quantization is not Quantization.NONE:
-        # Casts norms to fp32 and enables input grads so gradients flow through the frozen k-bit base.
+        loaded_dtype = _unquantized_dtype(model)
+        # Enables input grads so gradients flow through the frozen k-bit base; it also casts every unquantized
+        # parameter (norms, embeddings, head) to fp32, which would run the whole residual stream in fp32.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.training.gradient_checkpointing
         )
+        recast_unquantized(model, loaded_dtype)
     # The adapters' random initialisation happens here, before the Trainer seeds anything: seed it, so the same
     # seed gives the same run.
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, Distributed
-from .errors import JobCancelled, UserError
+from .errors import ConfigError, JobCancelled, UserError
 from .evaluation import evaluate_run
 from .export import export_run
 from .inference import ModelCache
@@ -406,6 +406,14 @@ class Pipeline:
 
     def start(self, config: Config) -> Run:
         """Launch the job in a background thread and return at once."""
+        if config.training.machine_rank > 0:
+            raise ConfigError(
+                f"machine_rank {config.training.machine_rank} joins a run that machine 0 writes; there is nothing to "
+                "follow here",
+                "field 'machine_rank'",
+                "start machine 0's run here (or on the CLI) and run the other machines with "
+                "'python -m autotuning train --config run.yaml --set machine_rank=N'",
+            )
         with self._lock:
             if self._current is not None and self._current.is_active():
                 raise BusyError(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import release_memory
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -58,7 +59,7 @@ from .training import FinalCheckpointCallback, MetricsCallback, StopCallback, bu
 from .training.oom import TrainedState, train_with_oom_policy
 from .training.preference import build_preference_trainer
 
-__all__ = ["JobResult", "run_job", "preflight", "export_preflight"]
+__all__ = ["JobResult", "run_job", "preflight", "export_preflight", "evaluation_device"]
 
 log = logging.getLogger("autotuning")
 trace_log = logging.getLogger("autotuning.trace")  # file only: the console never shows tracebacks
@@ -456,6 +457,8 @@ class _Job:
             return None
         user_error = exc if isinstance(exc, UserError) else _storage_error(exc, self.run.path)
         message = user_error.message if user_error is not None else f"{type(exc).__name__}: {exc}"
+        lost = _lost_peer(exc, self.role, self.run.path)
+        message = lost or message
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted"
         log.error("run failed: %s", message)
@@ -568,7 +571,10 @@ def _maybe_check_cpu_bf16(config: Config, loaded, data, tokenizer) -> dict[str, 
 def _device_name(role: Role) -> str:
     name = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     if role.launched:
-        name += f" x {os.environ.get('WORLD_SIZE', '1')} processes"
+        machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun: the number of machines (nodes)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        processes = f"{per_machine} process{'es' if per_machine != 1 else ''}"
+        name += f" x {processes}" if machines == 1 else f", {machines} machines x {processes}"
     return name
 
 
@@ -583,9 +589,28 @@ def _reload_trained(saved: Path, base_path: str, config: Config):
                 base_path, dtype=torch.float32, token=config.model.hf_token or None
             )
         model = PeftModel.from_pretrained(base, str(saved))
-    if torch.cuda.is_available():
-        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    device = evaluation_device(model)
+    if device != "cpu":
+        model.to(device)
+    else:
+        log.info("the trained model (fp32) does not fit this GPU's free memory: evaluating and exporting on the CPU")
     return model.eval()
+
+
+# Room left on the GPU beside the fp32 weights, for activations and logits while evaluating.
+_EVAL_GPU_HEADROOM = 1.25
+
+
+def evaluation_device(model) -> str:
+    """Where rank 0 evaluates and exports the reloaded fp32 model of a multi-process run: its GPU when the
+    weights fit there with headroom, else the CPU. An FSDP run exists for models that do not fit one GPU, so
+    their whole fp32 copy must not be forced onto rank 0's."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _total = torch.cuda.mem_get_info(index)
+    return f"cuda:{index}" if weights * _EVAL_GPU_HEADROOM <= free else "cpu"
 
 
 def _peak_memory() -> dict[str, Any]:
@@ -603,6 +628,27 @@ def _write_report(run_dir: Path) -> None:
     except Exception as exc:  # the run's results are already saved; the report is a view of them
         log.warning("could not write the run report: %s: %s", type(exc).__name__, exc)
         trace_log.warning("report traceback:\n%s", traceback.format_exc())
+
+
+_PEER_LOST_SIGNS = ("connection reset by peer", "connection closed by peer", "timed out", "broken pipe", "nccl")
+
+
+def _lost_peer(exc: BaseException, role: Role, run_dir: Path) -> str | None:
+    """A collective that failed because another process (often on another machine) died or stopped answering:
+    the message for run.json, saying what to do. The process group's timeout is ddp_timeout."""
+    if not role.launched or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(exc).lower()
+    if not (
+        isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(s in text for s in _PEER_LOST_SIGNS))
+    ):
+        return None
+    first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return (
+        f"lost contact with another process of this run ({first_line}). Check the other machines' logs; when every "
+        f"machine is up again, run the same command with --resume on each (resume reads {run_dir / 'checkpoints'}, "
+        "which every machine must see: a shared filesystem, or a copy at the same path)"
+    )
 
 
 def _storage_error(exc: BaseException, run_dir: Path) -> UserError | None:

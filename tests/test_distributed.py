@@ -177,3 +177,191 @@ def test_workers_get_the_sessions_token_never_the_servers(monkeypatch, tmp_path,
     lines: list[str] = []
     assert launch(plan, Config(model=ModelConfig(hf_token=typed)), threading.Event(), on_output=lines.append) == 0
     assert lines == [seen]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine(rank: int, sets: list[str], log, *flags: str):
+    """One "machine" of a localhost multi-machine run: the CLI, as each machine of a cluster runs it. Its output
+    goes to the file ``log`` (a pipe nobody reads while the test waits on the other machine would fill up and
+    block this machine's processes, and with them the whole run)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    args = [a for s in [*sets, f"machine_rank={rank}"] for a in ("--set", s)]
+    with open(log, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autotuning", "train", "--quiet", *flags, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    proc.log = log
+    return proc
+
+
+def _machines_sets(**extra) -> list[str]:
+    values = {
+        "distributed": "ddp",
+        "num_processes": 1,
+        "num_machines": 2,
+        "main_process_ip": "127.0.0.1",
+        "main_process_port": _free_port(),
+        "logging_steps": 1,
+        "save_steps": 5000,
+        "ddp_timeout": 60,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _wait_for_train_event(metrics, procs, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.is_file() and '"type": "train"' in metrics.read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError([p.poll() for p in procs])
+
+
+def _finish(procs, timeout: float = 240) -> list[str]:
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.log.read_text(encoding="utf-8") for p in procs]
+
+
+def test_two_machines_on_localhost_stop_and_resume_one_run_that_machine_0_writes(tmp_path):
+    # Two "machines" (machine_rank 0 and 1, one gloo process each) on a shared output_dir, each started with the
+    # command a cluster runs: stopped from machine 0, then resumed on both.
+    import signal
+
+    out = tmp_path / "run"
+    sets = _machines_sets(max_steps=2000, output_dir=out)
+    procs = [_machine(rank, sets, tmp_path / f"machine{rank}.log") for rank in (0, 1)]
+    _wait_for_train_event(out / "metrics.jsonl", procs)
+    procs[0].send_signal(signal.SIGINT)  # Ctrl-C on machine 0: a stop with a checkpoint, for every machine
+    logs = _finish(procs)
+    assert procs[0].returncode == 130, logs[0][-3000:]  # EXIT_STOPPED
+    assert procs[1].returncode == 0, logs[1][-3000:]
+    assert "machine 1 of 2: training with machine 0 at 127.0.0.1" in logs[1]
+    record = json.loads((out / "run.json").read_text())
+    stopped_at = record["global_step"]
+    assert record["status"] == "stopped" and 0 < stopped_at < 2000
+    assert (out / "checkpoints" / f"checkpoint-{stopped_at}").is_dir()
+
+    sets = _machines_sets(max_steps=stopped_at + 4, output_dir=out)
+    procs = [_machine(rank, sets, tmp_path / f"machine{rank}.log", "--resume") for rank in (0, 1)]
+    logs = _finish(procs)
+    assert procs[0].returncode == 0, logs[0][-3000:]
+    assert procs[1].returncode == 0, logs[1][-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["global_step"] == stopped_at + 4
+    assert record["num_machines"] == 2 and record["num_processes"] == 1
+    assert record["device"] == "cpu, 2 machines x 1 process"
+    accelerate = yaml.safe_load((out / "accelerate_config.yaml").read_text())
+    assert (accelerate["num_machines"], accelerate["num_processes"], accelerate["machine_rank"]) == (2, 2, 0)
+    events = read_metrics(out / "metrics.jsonl")
+    counts = collections.Counter((e["type"], e["step"]) for e in events if e["type"] in ("train", "eval"))
+    assert counts and max(counts.values()) == 1  # each point once: machine 0's rank alone writes
+    assert [e["step"] for e in events if e["type"] == "train"] == list(range(1, stopped_at + 5))  # one curve
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
+    assert record["exports"]["torch"]["status"] == "verified"
+
+
+def test_a_machine_that_loses_its_peer_fails_with_a_clear_message_not_a_hang(tmp_path):
+    # Each machine has its own output_dir here, as machines without a shared filesystem would.
+    import psutil
+
+    outs = [tmp_path / "machine0", tmp_path / "machine1"]
+    port = _free_port()
+    procs = [
+        _machine(rank, _machines_sets(max_steps=2000, output_dir=out, main_process_port=port), tmp_path / f"{rank}.log")
+        for rank, out in enumerate(outs)
+    ]
+    try:
+        _wait_for_train_event(outs[0] / "metrics.jsonl", procs)
+        # Machine 1 goes away at once (a power cut): its launcher and its training process.
+        for proc in [*psutil.Process(procs[1].pid).children(recursive=True), psutil.Process(procs[1].pid)]:
+            proc.kill()
+        lost_at = time.time()
+        procs[0].wait(timeout=120)
+        waited = time.time() - lost_at
+        log0 = procs[0].log.read_text(encoding="utf-8")
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode not in (0, None)
+    assert waited < 90, waited  # a dropped connection fails at once; a hung peer after ddp_timeout (60 s here)
+    record = json.loads((outs[0] / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"].startswith("lost contact with another process of this run")
+    assert "--resume" in record["error"] and "lost contact" in log0
+    # Machine 1 wrote no run: at most its process's RNG state in a checkpoint folder (the Trainer's, for a resume).
+    written = sorted(p.relative_to(outs[1]).as_posix() for p in outs[1].rglob("*") if p.is_file())
+    assert all(p.startswith("checkpoints/checkpoint-") and p.endswith("/rng_state_1.pth") for p in written), written
+
+
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [
+        (["num_machines=2"], "distributed"),  # several machines need a multi-process mode
+        (["distributed=ddp", "num_processes=1", "num_machines=2"], "main_process_ip"),
+        (["distributed=ddp", "num_machines=2", "machine_rank=2", "main_process_ip=10.0.0.1"], "machine_rank"),
+        (["num_machines=0"], "num_machines"),
+        (["ddp_timeout=0"], "ddp_timeout"),
+    ],
+)
+def test_multi_machine_settings_are_checked_naming_the_field(sets, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, sets)
+    assert field in err.value.where
+
+
+def test_accelerate_config_for_one_of_several_machines(tmp_path):
+    config = load_config(
+        None,
+        ["distributed=ddp", "num_processes=2", "num_machines=3", "machine_rank=1", "main_process_ip=10.0.0.1"],
+    )
+    data = build_accelerate_config(config, str(resolve_model_path("builtin:tiny-llama")), 2)
+    assert (data["num_machines"], data["machine_rank"], data["num_processes"]) == (3, 1, 6)  # 6 in total
+    assert (data["main_process_ip"], data["main_process_port"], data["rdzv_backend"]) == ("10.0.0.1", 29500, "static")
+    single = build_accelerate_config(_quick(tmp_path, "distributed=ddp", "num_processes=2"), "unused", 2)
+    assert single["num_machines"] == 1 and "main_process_ip" not in single
+
+
+def test_the_app_refuses_to_follow_a_machine_other_than_0(tmp_path):
+    config = _quick(
+        tmp_path, "distributed=ddp", "num_processes=1", "num_machines=2", "machine_rank=1", "main_process_ip=10.0.0.1"
+    )
+    with pytest.raises(ConfigError) as err:
+        Pipeline(tmp_path).start(config)
+    assert "machine_rank" in err.value.where and not (tmp_path / "run").exists()
+
+
+def test_rank_0_evaluates_a_model_too_big_for_its_gpu_on_the_cpu(monkeypatch):
+    # After an FSDP run the whole fp32 model is reloaded on rank 0; FSDP is there for models that do not fit one
+    # GPU, so that copy goes to the GPU only when it fits (GPU memory mocked at its boundary, mem_get_info).
+    from autotuning.recipe import evaluation_device
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of fp32 weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (3_000_000, 80_000_000_000))
+    assert evaluation_device(model) == "cpu"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (80_000_000_000, 80_000_000_000))
+    assert evaluation_device(model) == "cuda:0"

@@ -194,3 +194,31 @@ def test_a_real_tokenizer_without_a_chat_template_gets_one_built_on_its_own_toke
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "export").chat_template == tokenizer.chat_template
+
+
+def test_qlora_keeps_the_unquantized_base_in_its_half_precision_dtype():
+    # On a GPU under bf16 the base loads in bf16; PEFT's prepare_model_for_kbit_training makes the norms,
+    # embeddings and head fp32, which would run the residual stream in fp32. apply_peft puts them back. The same
+    # load on CPU (bitsandbytes' CPU 4-bit kernels) checks it without a GPU.
+    from transformers import BitsAndBytesConfig
+
+    from autotuning.modeling import apply_peft, load_pretrained, resolve_model_path
+
+    config = load_config(None, ["model_name=builtin:tiny-llama", "quantization=4bit", "peft_type=qlora"])
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = load_pretrained(
+        config, resolve_model_path(config.model.model_name), dtype=torch.bfloat16, quantization_config=quant
+    )
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 20, 33]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    peft_model = apply_peft(model, config)
+    frozen = {n: p.dtype for n, p in peft_model.named_parameters() if p.is_floating_point() and not p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    assert any("norm" in n for n in frozen) and any("embed_tokens" in n for n in frozen)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # the adapters train in fp32
+    out = peft_model(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits.float(), before)  # a fresh adapter (B = 0) changes nothing
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)

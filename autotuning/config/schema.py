@@ -41,6 +41,7 @@ __all__ = [
     "Precision",
     "SchedulerType",
     "Distributed",
+    "RdzvBackend",
     "TrainedTurns",
     "TrainingMethod",
     "DpoLossType",
@@ -141,6 +142,11 @@ class Distributed(_Choice):
     NONE = "none"  # one process (one GPU, or the CPU)
     DDP = "ddp"  # one process per device, each a full replica (gloo on CPU, nccl on GPUs)
     FSDP = "fsdp"  # one process per GPU, parameters/gradients/optimizer state sharded (GPUs only)
+
+
+class RdzvBackend(_Choice):
+    STATIC = "static"  # machine_rank fixed by each machine's config; the main machine hosts the rendezvous
+    C10D = "c10d"  # torch's elastic rendezvous through the main machine's store (what some clusters want)
 
 
 class SchedulerType(_Choice):
@@ -432,10 +438,73 @@ class TrainingConfig:
         "Processes for ddp/fsdp: 0 = one per visible GPU (on a CPU-only machine set it, e.g. 2).", default=0
     )
     fsdp: bool = _help("The seed's spelling of distributed: fsdp (kept in sync with it).", default=False)
+    num_machines: int = _help(
+        "Machines in a ddp/fsdp run. Each runs the same command with its own machine_rank; num_processes is per "
+        "machine. Machine 0 alone writes the run; the others write no run (their processes' RNG state goes into "
+        "the checkpoint folders, for a resume).",
+        default=1,
+    )
+    machine_rank: int = _help(
+        "This machine's index, 0 to num_machines - 1 (0 is the main machine, which writes the run). Set it per "
+        "machine: --set machine_rank=$SLURM_NODEID.",
+        default=0,
+    )
+    main_process_ip: str = _help(
+        "Address of machine 0 that every machine can reach (needed when num_machines > 1).", default=""
+    )
+    main_process_port: int = _help(
+        "Port on machine 0 for the rendezvous; 0 = 29500 with several machines, a free port on one.", default=0
+    )
+    rdzv_backend: RdzvBackend = _help(
+        "Rendezvous of several machines: static (fixed machine ranks) or c10d (torch's elastic rendezvous).",
+        default=RdzvBackend.STATIC,
+    )
+    ddp_timeout: int = _help(
+        "Seconds a process waits for its peers in a collective before it fails (a lost machine then ends the run "
+        "with an error instead of a hang).",
+        default=1800,
+    )
     resume: bool = _help(
         "Continue the run in output_dir from its last complete checkpoint (same step counter and optimizer state).",
         default=False,
     )
+
+    def _check_machines(self) -> None:
+        if self.num_machines < 1:
+            raise ConfigError(
+                f"num_machines must be >= 1, got {self.num_machines}", "field 'num_machines'", "use 1 for one machine"
+            )
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ConfigError(
+                f"machine_rank must be 0 to {self.num_machines - 1} with num_machines {self.num_machines}, "
+                f"got {self.machine_rank}",
+                "field 'machine_rank'",
+                "give each machine its own rank, 0 on the main machine",
+            )
+        if not 0 <= self.main_process_port <= 65535:
+            raise ConfigError(
+                f"main_process_port must be 0 to 65535, got {self.main_process_port}",
+                "field 'main_process_port'",
+                "use 0 for the default",
+            )
+        if self.ddp_timeout < 1:
+            raise ConfigError(
+                f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}", "field 'ddp_timeout'", "use e.g. 1800"
+            )
+        if self.num_machines == 1:
+            return
+        if self.distributed is Distributed.NONE:
+            raise ConfigError(
+                f"num_machines is {self.num_machines} but distributed is 'none'",
+                "fields 'num_machines'/'distributed'",
+                "set distributed: ddp (or fsdp on GPUs)",
+            )
+        if not self.main_process_ip.strip():
+            raise ConfigError(
+                "several machines need the address of machine 0",
+                "field 'main_process_ip'",
+                "set main_process_ip to machine 0's address, the same on every machine",
+            )
 
     def __post_init__(self) -> None:
         positive = {
@@ -488,6 +557,7 @@ class TrainingConfig:
         if self.fsdp:
             self.distributed = Distributed.FSDP
         self.fsdp = self.distributed is Distributed.FSDP
+        self._check_machines()
         if self.num_processes < 0:
             raise ConfigError(
                 f"num_processes must be >= 0, got {self.num_processes}",

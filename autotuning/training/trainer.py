@@ -56,6 +56,7 @@ def common_arguments(config: Config, checkpoint_dir: Path, precision: str, has_e
         # launcher writes): transformers refuses both at once, so the Trainer's own stays off there.
         gradient_checkpointing=t.gradient_checkpointing and t.distributed is not Distributed.FSDP,
         use_cpu=not torch.cuda.is_available(),
+        ddp_timeout=t.ddp_timeout,  # the process group's timeout: a lost peer fails the run instead of hanging it
         # Several CPU processes (distributed: ddp on CPU) talk over gloo; GPUs use the default (nccl).
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         max_length=config.data.max_seq_length,
