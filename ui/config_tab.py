@@ -17,6 +17,7 @@ from autotuning.config import (
     PeftType,
     Precision,
     Quantization,
+    ReportTo,
     SaveFormat,
     SchedulerType,
     TrainingMethod,
@@ -238,6 +239,12 @@ def build(ctx: AppContext, form: dict) -> dict:
                     multiselect=True,
                     label="GGUF types",
                     info=_info("gguf_type"),
+                )
+                form["report_to"] = gr.CheckboxGroup(
+                    [r for r in ReportTo.values() if r != ReportTo.NONE.value],
+                    value=v["report_to"],
+                    label="Experiment trackers",
+                    info=_info("report_to"),
                 )
                 form["eval_save_format"] = gr.Radio(
                     EvalSaveFormat.values(),

@@ -91,6 +91,7 @@ CONFIG_FIELDS = [
     "undesirable_weight",
     "best_metric",
     "base_run",
+    "report_to",
 ]
 UI_FIELDS = ["run_name", "dataset_source", "hub_dataset", "upload"]
 FORM_FIELDS = CONFIG_FIELDS + UI_FIELDS

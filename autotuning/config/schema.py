@@ -43,6 +43,7 @@ __all__ = [
     "Distributed",
     "RdzvBackend",
     "TrainedTurns",
+    "ReportTo",
     "TrainingMethod",
     "DpoLossType",
     "BestMetric",
@@ -189,6 +190,14 @@ class BestMetric(_Choice):
     REWARD_ACCURACY = "reward_accuracy"
 
 
+class ReportTo(_Choice):
+    NONE = "none"  # no tracker (the same as an empty list)
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow"
+    TRACKIO = "trackio"
+    WANDB = "wandb"
+
+
 class TrainedTurns(_Choice):
     ALL = "all"  # every assistant turn of a conversation is in the loss
     LAST = "last"  # only the final assistant turn; earlier ones are context
@@ -210,6 +219,7 @@ _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     TrainedTurns: {"every": "all", "final": "last", "last_only": "last", "last_turn": "last"},
     TrainingMethod: {"supervised": "sft", "cpo_simpo": "simpo"},
     DpoLossType: {"dpo": "sigmoid", "slic": "hinge"},
+    ReportTo: {"tb": "tensorboard", "w&b": "wandb", "no": "none"},
     BestMetric: {"loss": "eval_loss", "accuracy": "reward_accuracy", "reward_accuracies": "reward_accuracy"},
 }
 
@@ -721,6 +731,21 @@ class RunConfig:
     overwrite_output_dir: bool = _help(
         "Allow starting a new run in a directory that already holds one (its files are replaced).", default=False
     )
+    report_to: list[ReportTo] = _help(
+        "Experiment trackers that also receive the run's metrics and config (token left out), none or more of: "
+        "tensorboard, mlflow, trackio, wandb. Each writes under the run directory unless its own environment "
+        "variables point elsewhere (README 'Experiment trackers'); each is an extra: pip install 'autotuning[mlflow]'.",
+        default_factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        if ReportTo.NONE in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(
+                f"report_to lists none together with {', '.join(str(r) for r in self.report_to if r is not ReportTo.NONE)}",
+                "field 'report_to'",
+                "drop none, or use report_to: [] for no tracker",
+            )
+        self.report_to = [r for r in dict.fromkeys(self.report_to) if r is not ReportTo.NONE]
 
 
 _GROUPS: dict[str, type] = {
