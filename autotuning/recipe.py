@@ -58,6 +58,7 @@ from .runs import (
 from .training import FinalCheckpointCallback, MetricsCallback, StopCallback, build_trainer
 from .training.oom import TrainedState, train_with_oom_policy
 from .training.preference import build_preference_trainer
+from .training.trackers import check_trackers
 
 __all__ = ["JobResult", "run_job", "preflight", "export_preflight", "evaluation_device"]
 
@@ -123,6 +124,7 @@ def preflight(config: Config) -> None:
             "or set distributed: none",
         )
     check_distributed(config)
+    check_trackers(config)  # a missing tracker package: its extra named now, not a traceback mid-run
 
 
 def export_preflight(config: Config, hf_config) -> None:

@@ -14,6 +14,8 @@ from ..runs.events import MetricsSink
 
 __all__ = ["MetricsCallback", "StopCallback", "FinalCheckpointCallback"]
 
+# Our own figures added to the Trainer's log dict, for the experiment trackers (report_to) to record too.
+_FIGURES_FOR_TRACKERS = ("tokens_per_second", "tokens_seen", "eta_s", "elapsed_s")
 _TRAIN_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 # What TRL's preference trainers log (DPO, ORPO, CPO/SimPO; KTO has no accuracy), under our event names.
 _PREFERENCE_KEYS = {
@@ -42,7 +44,8 @@ class MetricsCallback(TrainerCallback):
         self._last_tokens = state.num_input_tokens_seen or 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
+        shared = logs if logs is not None else {}
+        logs = dict(shared)
         now = time.monotonic()
         step = state.global_step
         event: dict = {"step": step, "epoch": round(float(state.epoch or 0.0), 4), "time": time.time()}
@@ -74,6 +77,8 @@ class MetricsCallback(TrainerCallback):
             event["eta_s"] = round(max(0.0, (state.max_steps - step) * elapsed / done), 1)
         event["max_steps"] = state.max_steps
         self.sink.emit(event)
+        # The trackers' callbacks run after this one (training/trackers.py) on the same dict: they get our figures.
+        shared.update({k: event[k] for k in _FIGURES_FOR_TRACKERS if k in event and k not in shared})
 
 
 def _preference_values(logs: dict, prefix: str) -> dict[str, float]:

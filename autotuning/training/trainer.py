@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from ..config import BestMetric, Config, Distributed
+from .trackers import attach_trackers
 
 __all__ = [
     "build_sft_config",
@@ -76,7 +77,10 @@ def common_arguments(config: Config, checkpoint_dir: Path, precision: str, has_e
         save_steps=eval_every if select_best else t.save_steps,  # the best must be a saved checkpoint
         save_total_limit=t.save_total_limit,
         include_num_input_tokens_seen="non_padding",  # for tokens/s in the metric events
-        report_to="none",
+        # Trackers through transformers' integrations; training/trackers.py points them at the run directory.
+        # The integrations report from the global rank 0 only (state.is_world_process_zero).
+        report_to=[str(r) for r in config.run.report_to] or "none",
+        run_name=checkpoint_dir.parent.name,
         disable_tqdm=not show_progress,
         dataloader_num_workers=0,
     )
@@ -114,6 +118,7 @@ def assemble_trainer(trainer_class, config: Config, args, model, tokenizer, trai
     if args.metric_for_best_model and config.training.early_stopping_patience > 0:
         t = config.training
         callbacks = [*callbacks, EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold)]
+    run_dir = Path(args.output_dir).parent  # output_dir is <run>/checkpoints
     trainer = trainer_class(
         model=model,
         args=args,
@@ -122,6 +127,7 @@ def assemble_trainer(trainer_class, config: Config, args, model, tokenizer, trai
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    attach_trackers(trainer, config, run_dir)  # report_to's callbacks: after ours, writing under the run directory
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)
     return trainer
