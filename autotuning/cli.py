@@ -24,6 +24,7 @@ import torch
 
 from .config import (
     QUICKSTART_DATASET,
+    SWEEP_METRICS,
     Config,
     Distributed,
     FineTuningType,
@@ -42,7 +43,17 @@ from .export import export_run, unverified_exports
 from .launcher import launch, prepare_launch
 from .modeling import load_tokenizer
 from .recipe import run_job
-from .runs import RunDir, RunStatus
+from .runs import (
+    RunDir,
+    RunStatus,
+    compare_runs,
+    default_run_name,
+    describe_comparison,
+    is_sweep,
+    load_sweep_config,
+    run_sweep,
+    sweep_trial_dirs,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -163,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare with this much free memory instead of this machine's (e.g. 24 for the GPU you plan to rent)",
     )
 
+    compare = sub.add_parser(
+        "compare",
+        help="compare runs side by side: the options that differ, results, exports, the best run",
+        description="Compare two or more runs (or every trial of a sweep folder): the config options that differ, "
+        "a metrics table (final eval loss, perplexity, task metrics and their gain over the base model, train "
+        "time, peak memory), the export figures, and the best run by --metric. Ends with one JSON line.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or a sweep's folder")
+    compare.add_argument(
+        "--metric",
+        default="eval_loss",
+        choices=SWEEP_METRICS,
+        help="what picks the best run (default eval_loss; lower is better for a loss or perplexity)",
+    )
+
     sub.add_parser("options", help="list every config option with its default and help")
     show = sub.add_parser("show-config", help="print the resolved config as YAML (token redacted)")
     add_config_args(show)
@@ -185,6 +211,8 @@ def _resolve_config(args: argparse.Namespace, resume: bool = False) -> Config:
     if resume and config.run.output_dir and saved.is_file():
         # The continued run trains exactly as before unless --set says otherwise.
         return load_config(saved, overrides)
+    if resume and config.run.output_dir and is_sweep(config.run.output_dir):
+        return load_sweep_config(config.run.output_dir, overrides)
     return config
 
 
@@ -260,10 +288,77 @@ def _cmd_train_launched(config: Config, quiet: bool) -> int:
     return EXIT_FAILED
 
 
+def _cmd_sweep(config: Config, args: argparse.Namespace) -> int:
+    """A config with a sweep: each trial is trained as ``train`` would train it, one after another."""
+    if not config.run.output_dir:
+        config = config.replace(output_dir=str(Path("runs") / f"{default_run_name(config)}-sweep"))
+    stop_event = threading.Event()
+
+    def on_sigint(signum, frame):
+        if stop_event.is_set():
+            raise KeyboardInterrupt
+        stop_event.set()
+        print(
+            "\nstopping this trial at the next step and saving a checkpoint, then the sweep "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    def run_trial(trial_config: Config) -> RunStatus:
+        if trial_config.training.distributed is not Distributed.NONE:
+            _cmd_train_launched(trial_config, args.quiet)  # reports its own errors; run.json has the status
+        else:
+            try:
+                run_job(trial_config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
+            except UserError as err:  # this trial's input (e.g. its batch does not fit): the others may still run
+                print(f"error: {err.message}", file=sys.stderr)
+                return RunStatus.FAILED
+        return RunStatus.parse(RunDir(trial_config.run.output_dir).read().get("status"))
+
+    def on_trial(trial, number: int, total: int) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        print(f"sweep: {trial.name} ({number} of {total}): {shown}", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        record = run_sweep(config, run_trial, stopped=stop_event.is_set, on_trial=on_trial)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    root = config.run.output_dir
+    if record["status"] == RunStatus.STOPPED:
+        print(
+            f"sweep stopped; continue with: python -m autotuning train --resume --set output_dir={root}",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    trials = sweep_trial_dirs(root)
+    if len(trials) >= 2:  # the sweep ends on its comparison
+        for line in describe_comparison(compare_runs(trials, config.search.sweep_metric)):
+            print(line, file=sys.stderr)
+    summary = {"status": record["status"], "sweep_dir": str(root), "best": record.get("best")}
+    summary["trials"] = {t["name"]: {"status": t["status"], "value": t.get("value")} for t in record["trials"]}
+    print(json.dumps(summary, default=str))
+    failed = [t for t in record["trials"] if t["status"] != RunStatus.FINISHED]
+    return EXIT_FAILED if len(failed) == len(record["trials"]) else EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    paths: list[Path] = []
+    for raw in args.runs:
+        paths += sweep_trial_dirs(raw) if is_sweep(raw) else [Path(raw)]
+    comparison = compare_runs(paths, args.metric)
+    for line in describe_comparison(comparison):
+        print(line)
+    print(json.dumps(comparison.to_dict(), default=str))
+    return EXIT_OK
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _resolve_config(args, resume=args.resume)
     role = Role()
     launched = role.launched
+    if config.search.sweep and not launched:
+        return _cmd_sweep(config, args)
     if config.training.distributed is not Distributed.NONE and not launched:
         return _cmd_train_launched(config, args.quiet)
     stop_event = threading.Event()
@@ -398,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "estimate":
             return _cmd_estimate(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         if args.command == "evaluate":
             report = evaluate_run(args.run, generations=args.generations, max_new_tokens=args.max_new_tokens)
             print(json.dumps(report["results"]))

@@ -7,7 +7,8 @@ being done), the error message; a training :class:`Run` also has metric events a
 handlers only start jobs and read their state.
 
 One training job at a time per process: a second ``start`` while one runs raises :class:`BusyError`
-and leaves the running job alone. Tasks run beside a training job: an export or evaluation of another
+and leaves the running job alone. A config with a ``sweep`` starts a :class:`Sweep`, which trains its
+trials one after another, each a :class:`Run` that ``current`` follows (``job`` is what Stop stops). Tasks run beside a training job: an export or evaluation of another
 run goes ahead at once; one of the run being trained is refused by the run's lock
 (:class:`autotuning.runs.RunLock`), and two exports of one run queue behind each other on it.
 
@@ -41,9 +42,21 @@ from .export import export_run
 from .inference import ModelCache
 from .launcher import launch, prepare_launch
 from .recipe import JobResult, run_job
-from .runs import ACTIVE, MetricsSink, Operation, RunDir, RunLock, RunStatus, default_run_name, read_metrics
+from .runs import (
+    ACTIVE,
+    MetricsSink,
+    Operation,
+    RunDir,
+    RunLock,
+    RunStatus,
+    SweepDir,
+    default_run_name,
+    prepare_sweep,
+    read_metrics,
+    run_sweep,
+)
 
-__all__ = ["RunStatus", "Run", "Task", "Pipeline", "BusyError", "MainThreadExecutor"]
+__all__ = ["RunStatus", "Run", "Sweep", "Task", "Pipeline", "BusyError", "MainThreadExecutor"]
 
 
 class BusyError(UserError):
@@ -229,6 +242,102 @@ class Run:
         self._thread.start()
 
 
+class Sweep:
+    """A sweep job: its trials trained one after another, each a :class:`Run` the pipeline follows as current.
+
+    ``stop()`` stops the trial being trained (it saves a checkpoint) and with it the sweep; resuming the sweep
+    (its config with ``resume``) continues that trial and then the ones not run yet.
+    """
+
+    def __init__(self, pipeline: Pipeline, config: Config, total: int):
+        self.id = uuid.uuid4().hex[:8]
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        self.total = total
+        self.stop_event = threading.Event()
+        self.record: dict[str, Any] = {}
+        self.trial: Run | None = None  # the trial being (or last) trained
+        self.number = 0  # its place in the sweep, from 1
+        self.error = ""
+        self._pipeline = pipeline
+        self._status = RunStatus.QUEUED
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._target, name=f"autotuning-sweep-{self.id}", daemon=True)
+
+    @property
+    def status(self) -> RunStatus:
+        with self._lock:
+            return self._status
+
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    def stop(self) -> None:
+        """End the current trial at its next step (checkpoint saved) and the sweep after it."""
+        self.stop_event.set()
+        with self._lock:
+            if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                self._status = RunStatus.STOPPING
+            trial = self.trial
+        if trial is not None:
+            trial.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def progress(self) -> dict[str, Any]:
+        """Which trial of how many, its folder, and the best so far (from sweep.json's record)."""
+        with self._lock:
+            trial, number, status = self.trial, self.number, self._status
+        return {
+            "status": status.value,
+            "sweep_dir": str(self.run_dir),
+            "trial": number,
+            "trials": self.total,
+            "trial_dir": str(trial.run_dir) if trial is not None else "",
+            "best": SweepDir(self.run_dir).read().get("best"),
+            "error": self.error,
+        }
+
+    def _run_trial(self, config: Config) -> RunStatus:
+        run = Run(config)
+        with self._lock:
+            self.trial = run
+        if self.stop_event.is_set():  # Stop pressed while the previous trial was closing
+            run.stop()
+        self._pipeline._follow(run)
+        run._start(self._pipeline.executor)
+        run.wait()
+        return run.status
+
+    def _on_trial(self, trial, number: int, total: int) -> None:
+        with self._lock:
+            self.number = number
+
+    def _target(self) -> None:
+        with self._lock:
+            if self._status is RunStatus.QUEUED:
+                self._status = RunStatus.RUNNING
+        try:
+            record = run_sweep(
+                self.config,
+                self._run_trial,
+                stopped=self.stop_event.is_set,
+                on_trial=self._on_trial,
+            )
+            self.record = record
+            status = RunStatus(record["status"])
+        except UserError as err:
+            self.error = err.message
+            status = RunStatus.FAILED
+        except BaseException as exc:  # a bug: say so on the Train tab rather than die silently in the thread
+            self.error = f"internal error ({type(exc).__name__}: {exc})"
+            status = RunStatus.FAILED
+        with self._lock:
+            self._status = status
+
+
 class Task:
     """A job on a run that is not training: an export, an evaluation, loading a model for chat.
 
@@ -397,6 +506,7 @@ class Pipeline:
         self.executor = executor
         self._lock = threading.Lock()
         self._current: Run | None = None
+        self._sweep: Sweep | None = None  # the latest sweep started here
         self._tasks: OrderedDict[str, Task] = OrderedDict()
 
     @property
@@ -404,8 +514,35 @@ class Pipeline:
         with self._lock:
             return self._current
 
-    def start(self, config: Config) -> Run:
-        """Launch the job in a background thread and return at once."""
+    @property
+    def sweep(self) -> Sweep | None:
+        """The latest sweep started here (running or ended), or None."""
+        with self._lock:
+            return self._sweep
+
+    @property
+    def job(self) -> Run | Sweep | None:
+        """What a Stop button stops: the running sweep (between trials too), else the current run."""
+        with self._lock:
+            if self._sweep is not None and self._sweep.is_active():
+                return self._sweep
+            return self._current
+
+    def _follow(self, run: Run) -> None:
+        with self._lock:
+            self._current = run
+
+    def _refuse_if_busy(self) -> None:
+        for job in (self._sweep, self._current):
+            if job is not None and job.is_active():
+                raise BusyError(
+                    f"a training job is already running ({job.run_dir.name}, {job.status.value})",
+                    "Train tab",
+                    "wait for it to finish or press Stop first; it was not disturbed",
+                )
+
+    def start(self, config: Config) -> Run | Sweep:
+        """Launch the job in a background thread and return at once (a config with a sweep starts a :class:`Sweep`)."""
         if config.training.machine_rank > 0:
             raise ConfigError(
                 f"machine_rank {config.training.machine_rank} joins a run that machine 0 writes; there is nothing to "
@@ -414,19 +551,27 @@ class Pipeline:
                 "start machine 0's run here (or on the CLI) and run the other machines with "
                 "'python -m autotuning train --config run.yaml --set machine_rank=N'",
             )
+        if config.search.sweep:
+            return self._start_sweep(config)
         with self._lock:
-            if self._current is not None and self._current.is_active():
-                raise BusyError(
-                    f"a training job is already running ({self._current.run_dir.name}, {self._current.status.value})",
-                    "Train tab",
-                    "wait for it to finish or press Stop first; it was not disturbed",
-                )
+            self._refuse_if_busy()
             if not config.run.output_dir:
                 config = config.replace(output_dir=str(self.output_root / default_run_name(config)))
             run = Run(config)
             self._current = run
             run._start(self.executor)
             return run
+
+    def _start_sweep(self, config: Config) -> Sweep:
+        if not config.run.output_dir:
+            config = config.replace(output_dir=str(self.output_root / f"{default_run_name(config)}-sweep"))
+        with self._lock:
+            self._refuse_if_busy()
+            trials = prepare_sweep(config)  # a bad option or folder is this call's error, not the thread's
+            sweep = Sweep(self, config, len(trials))
+            self._sweep = sweep
+            sweep._thread.start()
+            return sweep
 
     def history(self, run_dir: str | Path) -> list[dict[str, Any]]:
         """Metric events of any run: the live one from memory, others from their metrics.jsonl."""

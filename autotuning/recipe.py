@@ -678,8 +678,9 @@ def _checkpoint_selection(trainer) -> dict[str, Any] | None:
         return None
     state, args = trainer.state, trainer.args
     best = state.best_model_checkpoint
-    # The Trainer's names (eval_loss, eval_rewards/accuracies) as the metric events and charts call them.
-    metric = "eval_reward_accuracy" if args.metric_for_best_model.endswith("rewards/accuracies") else "eval_loss"
+    # The Trainer's names (eval_loss, eval_rewards/accuracies, eval_accuracy) as the metric events call them.
+    metric = "eval_reward_accuracy" if args.metric_for_best_model.endswith("rewards/accuracies") else None
+    metric = metric or args.metric_for_best_model
     selection = {
         "best_checkpoint": best,
         "metric": metric,

@@ -1,7 +1,7 @@
 """Every option of a run, typed and validated in one place.
 
 The same :class:`Config` backs the YAML file, the CLI's ``--set key=value`` flags and the UI form. Options
-live in one dataclass per group (model, data, peft, quantization, training, preference, evaluation, export,
+live in one dataclass per group (model, data, peft, quantization, training, preference, evaluation, export, search,
 run); every
 field name is unique across groups, so a YAML file may be flat (``learning_rate: 1e-4``) or grouped
 (``training: {learning_rate: 1e-4}``), and a CLI flag never needs the group.
@@ -30,6 +30,7 @@ from .schema import _ENVIRONMENT_TOKEN as _ENVIRONMENT_TOKEN  # tests switch the
 from .schema import (
     DEFAULT_BETA,
     QUICKSTART_DATASET,
+    SWEEP_METRICS,
     BestMetric,
     Config,
     DataConfig,
@@ -52,11 +53,14 @@ from .schema import (
     RunConfig,
     SaveFormat,
     SchedulerType,
+    SweepConfig,
+    SweepMethod,
     TrainedTurns,
     TrainingConfig,
     TrainingMethod,
     field_help,
     iter_fields,
+    lower_is_better,
     quickstart_overrides,
 )
 from .schema import REDACTED as REDACTED
@@ -89,6 +93,10 @@ __all__ = [
     "PreferenceConfig",
     "EvaluationConfig",
     "ExportConfig",
+    "SweepConfig",
+    "SweepMethod",
+    "SWEEP_METRICS",
+    "lower_is_better",
     "RunConfig",
     "Config",
     "SEED_ALIASES",

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import itertools
 import os
+import random
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,10 @@ import yaml
 from ..errors import ConfigError
 
 __all__ = [
+    "SweepConfig",
+    "SweepMethod",
+    "SWEEP_METRICS",
+    "lower_is_better",
     "FineTuningType",
     "Quantization",
     "PeftType",
@@ -187,6 +193,7 @@ class DpoLossType(_Choice):
 
 class BestMetric(_Choice):
     EVAL_LOSS = "eval_loss"
+    ACCURACY = "accuracy"  # answer-token accuracy on the held-out rows (sft)
     REWARD_ACCURACY = "reward_accuracy"
 
 
@@ -196,6 +203,11 @@ class ReportTo(_Choice):
     MLFLOW = "mlflow"
     TRACKIO = "trackio"
     WANDB = "wandb"
+
+
+class SweepMethod(_Choice):
+    GRID = "grid"  # every combination of the listed values, in order
+    RANDOM = "random"  # sweep_trials combinations drawn from the grid without repeats (seeded by seed)
 
 
 class TrainedTurns(_Choice):
@@ -220,7 +232,7 @@ _CHOICE_SYNONYMS: dict[type[_Choice], dict[str, str]] = {
     TrainingMethod: {"supervised": "sft", "cpo_simpo": "simpo"},
     DpoLossType: {"dpo": "sigmoid", "slic": "hinge"},
     ReportTo: {"tb": "tensorboard", "w&b": "wandb", "no": "none"},
-    BestMetric: {"loss": "eval_loss", "accuracy": "reward_accuracy", "reward_accuracies": "reward_accuracy"},
+    BestMetric: {"loss": "eval_loss", "reward_accuracies": "reward_accuracy", "token_accuracy": "accuracy"},
 }
 
 
@@ -622,8 +634,9 @@ class PreferenceConfig:
     )
     best_metric: BestMetric = _help(
         "What early stopping and load_best_model_at_end compare between evaluations: eval_loss (lower is better), "
-        "or reward_accuracy (higher is better; the share of held-out pairs whose chosen answer gets the higher "
-        "reward; dpo, orpo and simpo).",
+        "accuracy (higher is better; the share of held-out answer tokens predicted right; sft), or reward_accuracy "
+        "(higher is better; the share of held-out pairs whose chosen answer gets the higher reward; dpo, orpo and "
+        "simpo).",
         default=BestMetric.EVAL_LOSS,
     )
     base_run: str = _help(
@@ -657,6 +670,7 @@ class PreferenceConfig:
             ("desirable_weight", self.desirable_weight != 1.0, method is TrainingMethod.KTO, "kto"),
             ("undesirable_weight", self.undesirable_weight != 1.0, method is TrainingMethod.KTO, "kto"),
             ("best_metric", self.best_metric is BestMetric.REWARD_ACCURACY, method.paired, "dpo, orpo or simpo"),
+            ("best_metric", self.best_metric is BestMetric.ACCURACY, not method.is_preference, "sft"),
         ]
         for name, is_set, applies, methods in only:
             if is_set and not applies:
@@ -723,6 +737,114 @@ class ExportConfig:
         self.save_format = deduped
 
 
+# What a sweep may compare trials on: eval_results keys of a finished run (answer-token and generated-answer metrics).
+# Lower is better for a loss and a perplexity; higher for every other one.
+SWEEP_METRICS = (
+    "eval_loss",
+    "perplexity",
+    "accuracy",
+    "f1",
+    "gen_exact_match",
+    "gen_f1",
+    "gen_rougeL",
+    "gen_choice_accuracy",
+    "gen_python_parses",
+    "preference_accuracy",
+    "preference_margin",
+    "reward_accuracy",
+)
+# Options a sweep cannot vary: where a trial lives is the sweep's to choose, and a sweep has no sweep inside.
+_NOT_SWEPT = frozenset({"output_dir", "overwrite_output_dir", "resume", "hf_token", "machine_rank"})
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _Choice) else value
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss") or metric == "perplexity"
+
+
+@dataclass
+class SweepConfig:
+    sweep: dict[str, list] = _help(
+        "A small hyperparameter search: option -> list of values, e.g. {learning_rate: [1e-4, 2e-4], lora_r: [8, 16]}. "
+        "Each combination is a normal run (trial-01, trial-02, ...) inside output_dir, trained one after another; "
+        "sweep.json records them and the best. Empty = one ordinary run. On the command line: "
+        "--set 'sweep={learning_rate: [1e-4, 2e-4]}'.",
+        default_factory=dict,
+    )
+    sweep_method: SweepMethod = _help(
+        "grid: every combination, in order; random: sweep_trials combinations drawn from the grid without repeats.",
+        default=SweepMethod.GRID,
+    )
+    sweep_trials: int = _help(
+        "How many trials to run: 0 = every combination (grid); random needs a number. A grid with a number runs "
+        "its first combinations.",
+        default=0,
+    )
+    sweep_metric: str = _help(
+        f"What picks the best trial, from each finished trial's results: {', '.join(SWEEP_METRICS)}. Lower is "
+        "better for a loss or perplexity, higher for the rest (gen_* metrics need eval_generations > 0).",
+        default="eval_loss",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sweep, dict):
+            raise ConfigError(
+                f"sweep must map options to lists of values, got {type(self.sweep).__name__}",
+                "field 'sweep'",
+                "write e.g. sweep: {learning_rate: [1e-4, 2e-4], lora_r: [8, 16]}",
+            )
+        checked: dict[str, list] = {}
+        for key, values in self.sweep.items():
+            key = str(key).strip()
+            where = f"field 'sweep', option '{key}'"
+            if key not in _FIELDS:
+                raise unknown_option(key, "field 'sweep'")
+            if key in _NOT_SWEPT or _FIELDS[key][0] == "search":
+                raise ConfigError(f"a sweep cannot vary {key}", where, "remove it from sweep")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(
+                    f"expected a non-empty list of values, got {values!r}", where, f"write e.g. {key}: [a, b]"
+                )
+            annotation = _resolved_types(_GROUPS[_FIELDS[key][0]])[key]
+            coerced = []
+            for value in values:
+                try:  # a bad value fails now, naming the option, not at trial 3
+                    typed = _coerce(key, annotation, value)
+                except ConfigError as err:
+                    raise ConfigError(err.what, where, err.fix) from None
+                # Kept plain (YAML reads 1e-4 as text; an enum as its value) so sweep.json and the YAML show numbers.
+                coerced.append([_plain(v) for v in typed] if isinstance(typed, list) else _plain(typed))
+            if len({repr(v) for v in coerced}) != len(coerced):
+                raise ConfigError(f"{key} lists a value twice: {coerced}", where, "list each value once")
+            checked[key] = coerced
+        self.sweep = checked
+        if self.sweep_trials < 0:
+            raise ConfigError("sweep_trials must be >= 0", "field 'sweep_trials'", "use 0 for every combination")
+        if self.sweep and self.sweep_method is SweepMethod.RANDOM and self.sweep_trials == 0:
+            raise ConfigError(
+                "a random sweep needs a budget", "fields 'sweep_method'/'sweep_trials'", "set sweep_trials: N"
+            )
+        if self.sweep_metric not in SWEEP_METRICS:
+            close = difflib.get_close_matches(self.sweep_metric, SWEEP_METRICS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown metric {self.sweep_metric!r}",
+                "field 'sweep_metric'",
+                f"{hint}valid metrics: {', '.join(SWEEP_METRICS)}",
+            )
+
+    def points(self, seed: int) -> list[dict[str, Any]]:
+        """The trials' option values, in the order they run."""
+        keys = list(self.sweep)
+        grid = [dict(zip(keys, combo)) for combo in itertools.product(*(self.sweep[k] for k in keys))]
+        if self.sweep_method is SweepMethod.RANDOM:
+            return random.Random(seed).sample(grid, min(self.sweep_trials, len(grid)))
+        return grid[: self.sweep_trials] if self.sweep_trials else grid
+
+
 @dataclass
 class RunConfig:
     output_dir: str = _help(
@@ -757,6 +879,7 @@ _GROUPS: dict[str, type] = {
     "preference": PreferenceConfig,
     "evaluation": EvaluationConfig,
     "export": ExportConfig,
+    "search": SweepConfig,  # not "sweep": a grouped YAML's sweep: {...} is the option
     "run": RunConfig,
 }
 
@@ -793,6 +916,21 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise a ConfigError naming the field."""
     where = f"field '{name}'"
     origin = typing.get_origin(annotation)
+    if origin is dict:
+        if isinstance(value, str):  # --set 'sweep={learning_rate: [1e-4, 2e-4]}' arrives parsed; a form's text may not
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(
+                    f"not a YAML mapping ({exc})", where, "write e.g. {learning_rate: [1e-4, 2e-4]}"
+                ) from None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"expected a mapping, got {type(value).__name__}", where, "write e.g. {learning_rate: [1e-4, 2e-4]}"
+            )
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):
@@ -869,6 +1007,7 @@ class Config:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    search: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

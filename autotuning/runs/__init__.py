@@ -12,6 +12,9 @@ A run directory holds::
     merged/            the merged model + tokenizer (safetensors)
     eval_results.json|csv
 
+A sweep's folder holds sweep.yaml, sweep.json and one such run directory per trial (see sweeps.py);
+compare.py reads several runs side by side.
+
 This layer sits just above config: it never imports torch, so listing runs stays instant.
 """
 
@@ -27,11 +30,31 @@ from .directory import (
     resolve_run_dir,
     write_json_atomic,
 )
+from .compare import Comparison, compare_runs, describe_comparison
 from .events import MetricsSink, read_metrics, truncate_metrics
 from .lock import LOCK_FILE, Operation, RunLock, is_locked, lock_owner
 from .status import ACTIVE, ENDED, RunStatus
+from .sweeps import (
+    SweepDir,
+    is_sweep,
+    load_sweep_config,
+    plan_trials,
+    prepare_sweep,
+    run_sweep,
+    sweep_trial_dirs,
+)
 
 __all__ = [
+    "Comparison",
+    "SweepDir",
+    "compare_runs",
+    "describe_comparison",
+    "is_sweep",
+    "load_sweep_config",
+    "plan_trials",
+    "prepare_sweep",
+    "run_sweep",
+    "sweep_trial_dirs",
     "ACTIVE",
     "ENDED",
     "LOCK_FILE",

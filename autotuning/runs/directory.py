@@ -169,17 +169,15 @@ def load_run_config(run_dir: str | Path, hf_token: str = "") -> Config:
 def list_runs(output_root: str | Path) -> list[dict[str, Any]]:
     """Runs under ``output_root``, newest first.
 
-    A run recorded as running whose lock no live job holds is 'interrupted' (its process died); one that a
+    A sweep's trials are listed as ``<sweep>/<trial>`` with ``sweep`` set. A run recorded as running whose lock no live job holds is 'interrupted' (its process died); one that a
     live job holds is 'running', whichever process that is.
     """
     root = Path(output_root)
     if not root.is_dir():
         return []
     rows = []
-    for child in root.iterdir():
+    for child, sweep in _run_dirs(root):
         run = RunDir(child)
-        if not child.is_dir() or not run.exists():
-            continue
         data = run.read()
         status = RunStatus.parse(data.get("status"))
         owner = lock_owner(child)
@@ -188,7 +186,8 @@ def list_runs(output_root: str | Path) -> list[dict[str, Any]]:
         results = data.get("eval_results") or {}
         rows.append(
             {
-                "name": child.name,
+                "name": f"{sweep}/{child.name}" if sweep else child.name,
+                "sweep": sweep,
                 "path": str(child),
                 "status": status.value,
                 "busy": (owner or {}).get("operation", ""),
@@ -203,6 +202,20 @@ def list_runs(output_root: str | Path) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: r["started_at"] or 0, reverse=True)
     return rows
+
+
+def _run_dirs(root: Path) -> list[tuple[Path, str]]:
+    """(run directory, the sweep it is a trial of or "") for every run under ``root``: a sweep's folder
+    (sweep.json) holds one run per trial."""
+    found = []
+    for child in root.iterdir():
+        if not child.is_dir():
+            continue
+        if (child / "run.json").is_file():
+            found.append((child, ""))
+        elif (child / "sweep.json").is_file():
+            found += [(trial, child.name) for trial in sorted(child.iterdir()) if (trial / "run.json").is_file()]
+    return found
 
 
 def clear_run_dir(path: Path) -> None:

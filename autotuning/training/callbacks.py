@@ -53,6 +53,8 @@ class MetricsCallback(TrainerCallback):
             event["type"] = "eval"
             event["eval_loss"] = float(logs["eval_loss"])
             event["eval_perplexity"] = math.exp(min(float(logs["eval_loss"]), 50.0))
+            if logs.get("eval_accuracy") is not None:  # best_metric: accuracy (the answer tokens predicted right)
+                event["eval_accuracy"] = float(logs["eval_accuracy"])
             event.update(_preference_values(logs, "eval_"))
         elif "loss" in logs:
             event["type"] = "train"

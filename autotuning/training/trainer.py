@@ -90,6 +90,8 @@ def _best_metric(config: Config) -> tuple[str, bool]:
     """(the Trainer's metric_for_best_model, greater_is_better) for the config's best_metric."""
     if config.preference.best_metric is BestMetric.REWARD_ACCURACY:
         return "eval_rewards/accuracies", True
+    if config.preference.best_metric is BestMetric.ACCURACY:
+        return "eval_accuracy", True  # from answer_token_accuracy below
     return "eval_loss", False
 
 
@@ -148,8 +150,31 @@ def build_trainer(
         quiet_progress()
     args = build_sft_config(config, checkpoint_dir, precision, eval_dataset is not None, show_progress)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-    trainer_class = _trainer_class(use_model_loss(config, vocab_size, precision))
-    return assemble_trainer(trainer_class, config, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
+    by_accuracy = args.metric_for_best_model == "eval_accuracy"
+    # Accuracy needs each evaluation's predictions, which only the model's own loss path hands back.
+    trainer_class = _trainer_class(by_accuracy or use_model_loss(config, vocab_size, precision))
+    trainer = assemble_trainer(trainer_class, config, args, model, tokenizer, train_dataset, eval_dataset, callbacks)
+    if by_accuracy:
+        trainer.compute_metrics = answer_token_accuracy
+        trainer.preprocess_logits_for_metrics = _predicted_tokens
+    return trainer
+
+
+def _predicted_tokens(logits, labels):
+    """Keep only the argmax of each position's logits: an evaluation gathers ids, never vocabulary-wide logits."""
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
+
+
+def answer_token_accuracy(prediction) -> dict[str, float]:
+    """The share of answer tokens (labels != -100) the model predicts right, as the Trainer's ``compute_metrics``.
+
+    Position t's prediction is for token t + 1 (the model shifts its labels inside its own loss).
+    """
+    predicted, labels = prediction.predictions, prediction.label_ids
+    predicted, labels = predicted[:, :-1], labels[:, 1:]
+    answer = labels != -100
+    total = int(answer.sum())
+    return {"accuracy": float((predicted == labels)[answer].sum()) / total if total else 0.0}
 
 
 # Above this size the full logits of one batch (the estimate's logits term) would crowd a GPU: TRL's chunked
