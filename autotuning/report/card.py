@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -228,6 +229,22 @@ def _gguf_context(run: RunDir, place: CardPlace, record: dict[str, Any]) -> dict
     return {"gguf_files": names, "gguf_dir": gguf_dir, "fetch": fetch, "ollama_name": ollama_name}
 
 
+# Config values that may be paths on this machine: in a repo's card they mean nothing and may name the user's
+# folders, so an absolute path is shown by its last part there.
+_LOCAL_PATHS = ("model_name", "dataset_path", "base_run", "output_dir")
+
+
+def _config_yaml(config, place: CardPlace) -> str:
+    """The run's config as YAML, by the config package's own redaction (``to_dict(redact=True)``: no token)."""
+    grouped = config.to_dict(redact=True)
+    if place.repo_id is not None:
+        for values in grouped.values():
+            for key in _LOCAL_PATHS:
+                if isinstance(values.get(key), str) and Path(values[key]).is_absolute():
+                    values[key] = Path(values[key]).name
+    return yaml.safe_dump(grouped, sort_keys=False, allow_unicode=True).strip()
+
+
 def _adapter_base(run: RunDir, place: CardPlace, base_id: str | None) -> str:
     if base_id:
         return repr(base_id)
@@ -295,7 +312,7 @@ def build_model_card(run_dir: str | Path, place: CardPlace, report: Report | Non
         merged=_ref(place, "merged") if "merged" in parts else "",
         adapter=_ref(place, "adapter") if "adapter" in parts else "",
         adapter_base=_adapter_base(run, place, base_id) if "adapter" in parts else "",
-        config_text=config.to_yaml().strip(),  # the config package's own redaction: the token is left out
+        config_text=_config_yaml(config, place),
         **_gguf_context(run, place, record),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
