@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 
+import gradio as gr
 import pytest
+from gradio.helpers import special_args
 from hubserver import RecordingHub
 from huggingface_hub import ModelCard, constants
 
 from autotuning.cli import main
-from autotuning.config import load_config
+from autotuning.config import lend_environment_token, load_config
 from autotuning.errors import UserError
 from autotuning.publish import push_run, repo_layout
 from autotuning.recipe import run_job
 from autotuning.runs import RunDir
+from ui import build_app
+from ui.context import AppContext
 
 TOKEN = "hf_push_test_token_1234"
 
@@ -159,3 +163,34 @@ def test_errors_before_anything_is_sent(run, tmp_path, monkeypatch, capsys):
 def test_repo_layout_orders_parts_merged_adapter_gguf():
     assert repo_layout(["gguf", "merged"]) == {"merged": "", "gguf": "gguf"}
     assert repo_layout(["gguf"]) == {"gguf": ""}
+
+
+def _wired(demo: gr.Blocks, api_name: str):
+    (fn,) = [f.fn for f in demo.fns.values() if f.api_name == api_name]
+    return fn
+
+
+def test_export_tab_pushes_as_a_task_with_the_sessions_token(run, hub, tmp_path, monkeypatch):
+    """The Export tab's Push runs publish.push_run as a pipeline task with the token typed in the form."""
+    ctx = AppContext.create(tmp_path / "runs")
+    on_push = _wired(build_app(ctx), "on_push")
+    args, *_ = special_args(on_push, [str(run.path), "someone/from-ui", ["merged"], False, TOKEN], token=None)
+    shown = list(on_push(*args))
+    task = ctx.pipeline.task(next(iter(shown[0].values())))
+    assert task is not None and task.kind.value == "push" and task.status.value == "finished"
+    summary = next(iter(shown[-1].values()))
+    assert "Pushed to [someone/from-ui]" in summary and "merged → `/`" in summary and TOKEN not in summary
+    assert hub.created[-1]["visibility"] == "private" and "config.json" in hub.files
+    assert {r["authorization"] for r in hub.requests if r["method"] == "POST"} == {f"Bearer {TOKEN}"}
+
+    # An empty token field and no Space login: the task fails saying so; this machine's token is not lent (as
+    # app.py without --lend-hf-token), even with HF_TOKEN set.
+    monkeypatch.setenv("HF_TOKEN", "hf_the_servers_own")
+    lend_environment_token(False)
+    try:
+        args, *_ = special_args(on_push, [str(run.path), "someone/from-ui", ["merged"], False, ""], token=None)
+        with pytest.raises(gr.Error, match="no Hugging Face token"):
+            list(on_push(*args))
+    finally:
+        lend_environment_token(True)
+    assert "Bearer hf_the_servers_own" not in {r["authorization"] for r in hub.requests}
