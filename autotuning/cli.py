@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import torch
+from huggingface_hub import get_token
 
 from .config import (
     QUICKSTART_DATASET,
@@ -42,6 +43,7 @@ from .evaluation import evaluate_run
 from .export import export_run, unverified_exports
 from .launcher import launch, prepare_launch
 from .modeling import load_tokenizer
+from .publish import push_run
 from .recipe import run_job
 from .runs import (
     RunDir,
@@ -187,6 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="eval_loss",
         choices=SWEEP_METRICS,
         help="what picks the best run (default eval_loss; lower is better for a loss or perplexity)",
+    )
+
+    push = sub.add_parser(
+        "push",
+        help="push a finished run (merged model, LoRA adapter, GGUF files) to a Hugging Face Hub repo",
+        description="Upload a finished run's exports to a Hub model repo, with a model card (README.md) at its "
+        "root: the first part in the order merged, adapter, gguf goes at the repo's root, the others in folders "
+        "named after them. The repo is created if missing, private unless --public (an existing repo keeps its "
+        "visibility). The token is HF_TOKEN, else your saved `hf auth login`; the Hub's address is HF_ENDPOINT "
+        "(default huggingface.co). Prints the repo, its url and the files uploaded as one JSON line.",
+    )
+    push.add_argument("--run", required=True, metavar="DIR", help="the run directory (its output_dir)")
+    push.add_argument(
+        "--repo",
+        required=True,
+        metavar="USER/NAME",
+        help="the Hub repo id, owner/name (a bare name goes under the token's user)",
+    )
+    push.add_argument(
+        "--what",
+        metavar="PARTS",
+        help="what to push, comma-separated: adapter, merged, gguf (default: all the run has; a part the run "
+        "lacks is an error that says how to export it)",
+    )
+    push.add_argument(
+        "--public",
+        action="store_true",
+        help="create a new repo public (default: private; an existing repo is left as it is)",
     )
 
     sub.add_parser("options", help="list every config option with its default and help")
@@ -458,6 +488,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    # The CLI is its owner's own process: HF_TOKEN, else the token `hf auth login` saved (get_token reads both).
+    result = push_run(args.run, args.repo, get_token(), args.what, private=not args.public)
+    print(json.dumps(result, default=str))
+    return EXIT_OK
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     config = _resolve_config(args)
     device = None if args.device == "auto" else args.device
@@ -495,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_estimate(args)
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "push":
+            return _cmd_push(args)
         if args.command == "evaluate":
             report = evaluate_run(args.run, generations=args.generations, max_new_tokens=args.max_new_tokens)
             print(json.dumps(report["results"]))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import list_repo_files, try_to_load_from_cache
+from huggingface_hub import hf_hub_download, list_repo_files, try_to_load_from_cache
+from huggingface_hub.repocard import metadata_load
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
@@ -26,7 +27,7 @@ from .concurrency import MODEL_LOADING
 from .config import Config, PeftType, Precision, Quantization
 from .errors import ConfigError, ModelError
 from .hub import hub_reachable
-from .packaged import ensure_packaged_model, is_packaged
+from .packaged import PACKAGED_MODELS, PACKAGED_PREFIX, ensure_packaged_model, is_packaged
 from .resources import cache_root
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "is_builtin",
     "ensure_builtin_model",
     "resolve_model_path",
+    "hub_model_id",
+    "base_model_license",
     "load_tokenizer",
     "load_model",
     "load_pretrained",
@@ -61,6 +64,54 @@ def resolve_model_path(model_name: str) -> str:
     if is_packaged(model_name):
         return str(ensure_packaged_model(model_name))
     return model_name
+
+
+def hub_model_id(model_name: str) -> str | None:
+    """The Hub id a model comes from, for a model card's ``base_model``: a Hub id as it is, a packaged model's
+    original, None for a builtin model or a local directory (the Hub refuses a card naming a model it lacks)."""
+    if is_builtin(model_name):
+        return None
+    if is_packaged(model_name):
+        spec = PACKAGED_MODELS.get(model_name[len(PACKAGED_PREFIX) :])
+        return spec.original if spec is not None else None
+    parts = model_name.split("/")
+    if len(parts) != 2 or not all(parts) or Path(model_name).expanduser().exists():
+        return None
+    return model_name
+
+
+def base_model_license(model_name: str, token: str | None = None) -> str | None:
+    """The license the base model's own card declares, for a fine-tune's model card; None where it declares
+    none or its card cannot be read (never an error: a card without a license is still a card).
+
+    Read from a packaged model's record, a local folder's README.md (a merged/ of an earlier run carries its
+    card), the Hub cache, or, when the Hub is reachable, the Hub (one small README.md download).
+    """
+    try:
+        if is_builtin(model_name):
+            return None  # built here from random weights: no license to inherit
+        if is_packaged(model_name):
+            spec = PACKAGED_MODELS.get(model_name[len(PACKAGED_PREFIX) :])
+            return spec.license if spec is not None else None
+        local = Path(model_name).expanduser()
+        if local.is_dir():
+            readme = local / "README.md"
+        elif hub_model_id(model_name) is None:
+            return None
+        else:
+            cached = try_to_load_from_cache(model_name, "README.md")
+            if isinstance(cached, str):
+                readme = Path(cached)
+            elif hub_reachable():
+                readme = Path(hf_hub_download(model_name, "README.md", token=token, etag_timeout=5))
+            else:
+                return None
+        metadata = metadata_load(readme) if readme.is_file() else None
+        value = (metadata or {}).get("license")
+        return value if isinstance(value, str) and value else None
+    except Exception as exc:  # a missing or unreadable card, no network: the license is simply not known
+        log.debug("no license read for %s: %s: %s", model_name, type(exc).__name__, exc)
+        return None
 
 
 def _hub_error(model_name: str, exc: Exception, what: str) -> ModelError:

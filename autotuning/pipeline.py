@@ -41,6 +41,7 @@ from .evaluation import evaluate_run
 from .export import export_run
 from .inference import ModelCache
 from .launcher import launch, prepare_launch
+from .publish import push_run
 from .recipe import JobResult, run_job
 from .runs import (
     ACTIVE,
@@ -617,6 +618,16 @@ class Pipeline:
             Operation.EVALUATE,
             run_dir,
             lambda progress, cancel: evaluate_run(run_dir, progress=progress, cancel=cancel, **options),
+        )
+
+    def push(self, run_dir: str | Path, repo_id: str, what, *, hf_token: str, private: bool = True) -> Task:
+        """``publish.push_run`` as a task: a finished run's parts to a Hub repo with the caller's own token."""
+        return self.submit(
+            Operation.PUSH,
+            run_dir,
+            lambda progress, cancel: push_run(
+                run_dir, repo_id, hf_token, what, private=private, progress=progress, cancel=cancel
+            ),
         )
 
     def load_model(self, models: ModelCache, source: str, like: Config | None = None) -> Task:

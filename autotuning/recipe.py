@@ -38,7 +38,15 @@ from .evaluation import evaluate_answers, evaluate_run, preference_scores, save_
 from .export import run_exports
 from .export.gguf import check_gguf_supported, check_gguf_type
 from .export.tensorflow import check_tensorflow_supported
-from .modeling import apply_peft, check_cpu_bf16, cpu_bf16_kind, load_model, load_tokenizer
+from .modeling import (
+    apply_peft,
+    base_model_license,
+    check_cpu_bf16,
+    cpu_bf16_kind,
+    hub_model_id,
+    load_model,
+    load_tokenizer,
+)
 from .report import write_report
 from .runs import (
     MetricsSink,
@@ -250,6 +258,9 @@ class _Job:
             started_at=previous.get("started_at", self.started),
             resumed_from=str(self.resume_from) if self.resume_from else None,
             model_name=self.config.model.model_name,
+            # The model card's base_model and license (report/card.py).
+            base_model_id=hub_model_id(self.config.model.model_name),
+            base_license=base_model_license(self.config.model.model_name, self.config.model.hf_token or None),
             fine_tuning_type=self.config.data.fine_tuning_type.value,
             training_method=self.config.preference.training_method.value,
             base_run=self.config.preference.base_run or None,

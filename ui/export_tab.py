@@ -1,4 +1,4 @@
-"""Tab 5: export a finished run; files, sizes and the verification figures each exporter records."""
+"""Tab 5: export a finished run; files, sizes and the verification figures each exporter records; push it to the Hub."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub import get_token
 
-from autotuning.config import GgufType, SaveFormat, field_help
+from autotuning.config import GgufType, SaveFormat, environment_token_lent, field_help
 from autotuning.errors import UserError
 from autotuning.export.verify import describe
+from autotuning.publish import Part
 
 from .context import AppContext
 from .form import session_token
@@ -18,7 +20,7 @@ from .identity import login_token
 from .jobs import cancel, follow
 from .run_picker import build_run_picker
 
-__all__ = ["build", "wire", "export_line", "exports_markdown"]
+__all__ = ["build", "wire", "export_line", "exports_markdown", "push_markdown", "push_token"]
 
 _READER = {
     "torch": "reloaded with AutoModelForCausalLM",
@@ -66,6 +68,29 @@ def exports_markdown(exports: dict) -> str:
     return "\n\n".join(export_line(fmt, figures) for fmt, figures in exports.items() if isinstance(figures, dict))
 
 
+def push_markdown(result: dict) -> str:
+    """What a finished push made: the repo, where each part went, the files, and exports pushed unverified."""
+    where = ", ".join(f"{part} → `{folder}`" for part, folder in result["uploaded"].items())
+    text = (
+        f"✅ Pushed to [{result['repo']}]({result['url']}) ({'private' if result['private'] else 'public'} if new): "
+        f"{where}; {len(result['files'])} files, {result['bytes'] / 1e6:.1f} MB, commit `{result['commit'][:10]}`."
+    )
+    if not result.get("card"):
+        text += " ⚠️ Without a model card (it could not be made; the app's log says why)."
+    for fmt, reason in (result.get("unverified") or {}).items():
+        text += f"\n\n⚠️ **{fmt}** was pushed UNVERIFIED: {reason}"
+    return text
+
+
+def push_token(typed: str | None, login: str) -> str:
+    """The session's own token (typed, else its Space login); this server's only when it lends it
+    (``app.py --lend-hf-token``), as for every other Hub request of a session."""
+    token = session_token(typed, login)
+    if not token and environment_token_lent():
+        token = get_token() or ""
+    return token
+
+
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
     with gr.Row():
@@ -89,6 +114,30 @@ def build(ctx: AppContext) -> dict:
     parts["files"] = gr.Dataframe(headers=["file", "bytes"], label="Files", elem_id="export-files")
     parts["figures"] = gr.Code(label="Verification figures", language="json", interactive=False)
     parts["downloads"] = gr.File(label="Download", file_count="multiple", interactive=False)
+    with gr.Accordion("Push to the Hugging Face Hub", open=False):
+        with gr.Row():
+            parts["push_repo"] = gr.Textbox(
+                label="Repo id",
+                placeholder="user/name",
+                elem_id="push-repo",
+                info="your user or organisation, a slash, a name; created if missing",
+            )
+            parts["push_what"] = gr.CheckboxGroup(
+                [p.value for p in Part],
+                value=[Part.MERGED.value],
+                label="What",
+                elem_id="push-what",
+                info="the first of merged, adapter, gguf goes at the repo's root, the others in folders of their name",
+            )
+            parts["push_public"] = gr.Checkbox(
+                False, label="Public", info="a new repo is private unless ticked; an existing one keeps its own"
+            )
+        gr.Markdown(
+            "Uses the token of the **Model & config** tab (it needs write access), or your Space login; a model "
+            "card (README.md) goes at the repo's root."
+        )
+        parts["push"] = gr.Button("Push", elem_id="push-btn")
+        parts["push_summary"] = gr.Markdown(elem_id="push-summary")
     return parts
 
 
@@ -136,3 +185,23 @@ def wire(ctx: AppContext, parts: dict, hf_token: gr.Textbox) -> None:
         outputs=[parts["task"], *shown_outputs],
     )
     parts["cancel"].click(lambda task_id: cancel(ctx, task_id), inputs=parts["task"], outputs=parts["summary"])
+
+    def on_push(run_dir, repo, what, public, typed_token, login: gr.OAuthToken | None, progress=gr.Progress()):
+        """Starts the push task (its id goes to the session, for Cancel), follows it, shows where it went."""
+        if not run_dir:
+            raise gr.Error("Pick a finished run first.")
+        if not what:
+            raise gr.Error("Pick at least one part to push.")
+        try:
+            token = push_token(typed_token, login_token(login))
+            task = ctx.pipeline.push(run_dir, repo, what, hf_token=token, private=not public)
+        except UserError as err:
+            raise gr.Error(err.message) from None
+        yield {parts["task"]: task.id}
+        yield {parts["push_summary"]: push_markdown(follow(task, progress))}
+
+    parts["push"].click(
+        on_push,
+        inputs=[parts["run"], parts["push_repo"], parts["push_what"], parts["push_public"], hf_token],
+        outputs=[parts["task"], parts["push_summary"]],
+    )

@@ -23,6 +23,7 @@ __all__ = ["Report", "build_report", "fmt_value"]
 
 _SHOWN_PREDICTIONS = 10
 _HASH_CACHE = ".checksums.json"
+CARD_NAME = "README.md"  # the model card's file name (card.py)
 # A config key is a secret when its last word is one of these: hf_token is, eval_max_new_tokens is not.
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password)$")
 
@@ -123,7 +124,9 @@ def _export_files(run: RunDir) -> list[dict[str, Any]]:
     for fmt, folder in folders.items():
         if not folder.is_dir():
             continue
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        # The model card beside the weights (card.py) describes them and is rewritten after this table: not a file
+        # of the export, so not listed with a checksum that its next rewrite would change.
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CARD_NAME):
             rows.append(
                 {
                     "format": fmt,

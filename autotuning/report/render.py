@@ -8,6 +8,7 @@ only its table cells are made safe for a pipe table.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import plotly.io as pio
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from ..runs import RunDir
+from .card import write_model_cards
 from .data import Report, build_report, fmt_value
 
 __all__ = ["render_html", "render_markdown", "write_report"]
+
+log = logging.getLogger(__name__)
 
 
 def _cell(value: Any) -> str:
@@ -128,10 +132,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.html and report.md (atomically) from one read of the run directory; return their paths."""
+    """Write report.html and report.md (atomically) from one read of the run directory; return their paths.
+
+    The model cards of merged/ and adapter/ (:mod:`.card`) are rewritten from the same read: they show the same
+    figures. A card that cannot be written is a warning, never a failed report (nor run, nor export).
+    """
     run = RunDir(run_dir)
     report = build_report(run.path)
     html_path, md_path = run.path / "report.html", run.path / "report.md"
     _write_atomic(html_path, render_html(report))
     _write_atomic(md_path, render_markdown(report))
+    try:
+        write_model_cards(run.path, report)
+    except Exception as exc:  # the card is a view of what the run recorded; writing it again fixes it
+        log.warning("could not write the model card of %s: %s: %s", run.path, type(exc).__name__, exc)
     return html_path, md_path

@@ -1,4 +1,4 @@
-"""One lock per run directory, held by the job that works on it: train, resume, export, evaluate, chat load.
+"""One lock per run directory, held by the job that works on it: train, resume, export, evaluate, chat load, push.
 
 It is an ``flock`` on ``<run>/.lock``: the kernel drops it when the holder's process exits, however it exits,
 so a crashed owner's lock is free for the next job (taken over), and a live owner's is respected. ``flock``
@@ -6,7 +6,7 @@ locks belong to an open file, not to a process, so two jobs of one app (two thre
 The holder writes who it is (pid, host, operation, since) into the file, for the message others get.
 
 A training job never waits: a run another job is training is refused (:class:`RunBusyError`, exit 2 in the
-CLI). Export, evaluation and chat loads wait for each other (the second export of a run starts when the
+CLI). Export, evaluation, chat loads and pushes wait for each other (the second export of a run starts when the
 first ends) but never for training.
 """
 
@@ -35,6 +35,7 @@ class Operation(str, enum.Enum):
     EXPORT = "export"
     EVALUATE = "evaluate"
     CHAT = "chat"
+    PUSH = "push"  # to the Hub (publish.py): reads the exports, so it waits for an export to end
 
     def __str__(self) -> str:
         return self.value
@@ -42,6 +43,7 @@ class Operation(str, enum.Enum):
 
 _DOING = {Operation.TRAIN: "trained", Operation.EXPORT: "exported", Operation.EVALUATE: "evaluated"}
 _DOING[Operation.CHAT] = "loaded for chat"
+_DOING[Operation.PUSH] = "pushed to the Hub"
 
 
 class RunLock:
