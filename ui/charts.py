@@ -13,6 +13,7 @@ _TEMPLATE = pio.templates["plotly_white"].to_plotly_json()
 
 __all__ = [
     "loss_figure",
+    "compare_figure",
     "lr_figure",
     "throughput_figure",
     "rewards_figure",
@@ -59,6 +60,50 @@ def loss_figure(events: list[dict[str, Any]]) -> PlotData:
             }
         )
     return _figure(traces, f"Loss ({len(x)} points)", "loss")
+
+
+# One colour per run in an overlaid chart (plotly's default colourway; it repeats after ten runs).
+_COLOURS = [
+    "#636efa",
+    "#ef553b",
+    "#00cc96",
+    "#ab63fa",
+    "#ffa15a",
+    "#19d3f3",
+    "#ff6692",
+    "#b6e880",
+    "#ff97ff",
+    "#fecb52",
+]
+
+
+def compare_figure(curves: dict[str, dict[str, list]], best: str | None = None) -> PlotData:
+    """Several runs' train loss (lines) and eval loss (diamonds, dotted) overlaid, one colour per run."""
+    traces = []
+    for i, (name, series) in enumerate(curves.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        label = f"{name} (best)" if name == best else name
+        width = 3 if name == best else 1.5
+        for kind, dash, marker in (("train", None, 3), ("eval", "dot", 7)):
+            points = series.get(kind) or []
+            if not points:
+                continue
+            line = {"color": colour, "width": width}
+            if dash:
+                line["dash"] = dash
+            traces.append(
+                {
+                    "type": "scatter",
+                    "x": [p[0] for p in points],
+                    "y": [p[1] for p in points],
+                    "mode": "lines+markers",
+                    "name": f"{label} {kind}",
+                    "legendgroup": name,
+                    "line": line,
+                    "marker": {"size": marker, "color": colour, **({"symbol": "diamond"} if kind == "eval" else {})},
+                }
+            )
+    return _figure(traces, f"Loss of {len(curves)} runs (solid: train, dotted: eval)", "loss")
 
 
 def rewards_figure(events: list[dict[str, Any]]) -> PlotData:

@@ -7,6 +7,7 @@ import uuid
 import gradio as gr
 
 from autotuning.config import (
+    SWEEP_METRICS,
     BestMetric,
     Config,
     Distributed,
@@ -20,6 +21,7 @@ from autotuning.config import (
     ReportTo,
     SaveFormat,
     SchedulerType,
+    SweepMethod,
     TrainingMethod,
     field_help,
     load_config,
@@ -264,6 +266,24 @@ def build(ctx: AppContext, form: dict) -> dict:
                     precision=0,
                     label="Max new tokens per answer",
                     info=_info("eval_max_new_tokens"),
+                )
+            gr.Markdown("### Sweep")
+            with gr.Row():
+                form["sweep"] = gr.Textbox(
+                    value="",
+                    label="Sweep (empty = one run)",
+                    placeholder="{learning_rate: [0.0001, 0.0002], lora_r: [8, 16]}",
+                    info=_info("sweep"),
+                    scale=3,
+                )
+                form["sweep_method"] = gr.Radio(
+                    SweepMethod.values(), value=v["sweep_method"], label="Method", info=_info("sweep_method")
+                )
+                form["sweep_trials"] = gr.Number(
+                    value=v["sweep_trials"], precision=0, label="Trials", info=_info("sweep_trials")
+                )
+                form["sweep_metric"] = gr.Dropdown(
+                    list(SWEEP_METRICS), value=v["sweep_metric"], label="Best trial by", info=_info("sweep_metric")
                 )
             form["run_name"] = gr.Textbox(
                 label="Run name",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autotuning.inference import ModelCache
 from autotuning.pipeline import Pipeline
-from autotuning.runs import RunStatus, list_runs
+from autotuning.runs import RunStatus, SweepDir, is_sweep, list_runs
 
 __all__ = ["AppContext"]
 
@@ -48,3 +48,16 @@ class AppContext:
         if finished_only:
             rows = [r for r in rows if r["status"] == RunStatus.FINISHED]
         return [(f"{r['name']} ({r['status']})", r["path"]) for r in rows]
+
+    def sweep_choices(self) -> list[tuple[str, str]]:
+        """Sweep folders under the output root, newest first: (label with status and best trial, path)."""
+        sweeps = [p for p in self.output_root.iterdir() if p.is_dir() and is_sweep(p)]
+        choices = []
+        for path in sorted(sweeps, key=lambda p: SweepDir(p).record_path.stat().st_mtime, reverse=True):
+            record = SweepDir(path).read()
+            best = record.get("best") or {}
+            shown = f", best {best['name']}" if best.get("name") else ""
+            choices.append(
+                (f"{path.name} ({record.get('status', '?')}, {len(record.get('trials', []))} trials{shown})", str(path))
+            )
+        return choices

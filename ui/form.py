@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from autotuning.config import QUICKSTART_DATASET, Config, ConfigError, config_from_dict
 from autotuning.modeling import BUILTIN_PREFIX
 from autotuning.packaged import PACKAGED_PREFIX
@@ -92,6 +94,10 @@ CONFIG_FIELDS = [
     "best_metric",
     "base_run",
     "report_to",
+    "sweep",
+    "sweep_method",
+    "sweep_trials",
+    "sweep_metric",
 ]
 UI_FIELDS = ["run_name", "dataset_source", "hub_dataset", "upload"]
 FORM_FIELDS = CONFIG_FIELDS + UI_FIELDS
@@ -230,6 +236,7 @@ def config_to_form(config: Config) -> dict[str, Any]:
     flat = config.to_flat_dict(redact=True)
     values: dict[str, Any] = {name: flat[name] for name in CONFIG_FIELDS if name in flat}
     values["lora_target_modules"] = ", ".join(flat["lora_target_modules"])
+    values["sweep"] = _flow_yaml(flat["sweep"]) if flat["sweep"] else ""
     path = config.data.dataset_path
     if path == "sample":
         values.update(dataset_source=SOURCE_SAMPLE, hub_dataset="")
@@ -253,7 +260,9 @@ def cli_command(config: Config) -> str:
     for key, value in config.to_flat_dict(redact=True).items():
         if key == "fsdp" or defaults.get(key) == value:  # fsdp mirrors distributed
             continue
-        if isinstance(value, list):
+        if isinstance(value, dict):
+            value = _flow_yaml(value)
+        elif isinstance(value, list):
             value = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
             value = str(value).lower()
@@ -261,6 +270,11 @@ def cli_command(config: Config) -> str:
     if config.model.hf_token:
         parts.insert(0, "HF_TOKEN=...")  # the token is never echoed
     return " \\\n    ".join(parts)
+
+
+def _flow_yaml(value: dict) -> str:
+    """A sweep as one line of YAML, as typed in the form and in --set: {learning_rate: [0.0001, 0.0002]}."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
 
 def validate_form(

@@ -9,12 +9,14 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from autotuning.runs import RunDir
+from autotuning.config import SWEEP_METRICS, lower_is_better
+from autotuning.errors import UserError
+from autotuning.runs import Comparison, RunDir, compare_runs, sweep_trial_dirs
 
-from .charts import loss_figure
+from .charts import compare_figure, loss_figure
 from .context import AppContext
 
-__all__ = ["build", "wire", "runs_table", "report_link", "exports_cell"]
+__all__ = ["build", "wire", "runs_table", "report_link", "exports_cell", "comparison_markdown", "compare_view"]
 
 
 _MARK = {"verified": "✅", "unverified": "⚠️ unverified", "failed": "⛔ failed", "skipped": "⛔ skipped"}
@@ -40,7 +42,7 @@ def runs_table(ctx: AppContext) -> pd.DataFrame:
 
 def build(ctx: AppContext) -> dict:
     parts: dict = {}
-    parts["refresh"] = gr.Button("Refresh")
+    parts["refresh"] = gr.Button("Refresh", elem_id="runs-refresh")
     parts["table"] = gr.Dataframe(
         runs_table(ctx), label=f"Runs in {ctx.output_root}", interactive=False, elem_id="runs-table"
     )
@@ -50,7 +52,91 @@ def build(ctx: AppContext) -> dict:
     with gr.Row():
         parts["config"] = gr.Code(label="config.yaml", language="yaml", interactive=False)
         parts["record"] = gr.Code(label="run.json", language="json", interactive=False)
+    gr.Markdown("### Compare runs")
+    with gr.Row():
+        parts["compare_sweep"] = gr.Dropdown(
+            ctx.sweep_choices(),
+            value=None,
+            label="A sweep",
+            info="Picking one ticks its trials below and compares them",
+            elem_id="compare-sweep",
+        )
+        parts["compare_metric"] = gr.Dropdown(
+            list(SWEEP_METRICS),
+            value="eval_loss",
+            label="Best run by",
+            info="Lower is better for a loss or perplexity, higher for the rest",
+            elem_id="compare-metric",
+        )
+    parts["compare_runs"] = gr.CheckboxGroup(
+        ctx.run_choices(), label="Runs to compare (two or more)", elem_id="compare-runs"
+    )
+    parts["compare"] = gr.Button("Compare", elem_id="compare-btn")
+    parts["comparison"] = gr.Markdown(elem_id="compare-view")
+    parts["compare_plot"] = gr.Plot(label="Loss, overlaid", elem_id="compare-plot")
     return parts
+
+
+def comparison_markdown(c: Comparison) -> str:
+    """The comparison as Markdown: the best run, the options that differ, the metrics and the exports."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows),
+        ]
+
+    direction = "lowest" if lower_is_better(c.metric) else "highest"
+    if c.best:
+        best = next(row for row in c.metrics if row["name"] == c.best)
+        lines = [f"**Best by {c.metric} ({direction}): ⭐ `{c.best}`** — {c.metric} {cell(best.get(c.metric))}"]
+    else:
+        lines = [f"**Best by {c.metric}:** none of these finished runs has it"]
+    lines += ["", f"**Runs:** {len(c.names)}", ""]
+    if c.differs:
+        lines += ["**Config that differs**", ""]
+        lines += table(["option", *c.names], [[k, *(cell(v) for v in vals)] for k, vals in c.differs.items()])
+    else:
+        lines.append("**Config:** the same in every run")
+    lines += ["", "**Metrics** (in brackets the gain over the base model; > 0 is better)", ""]
+    rows = []
+    for row, status in zip(c.metrics, c.status):
+        name = f"⭐ {row['name']} (best)" if row["name"] == c.best else row["name"]
+        values = []
+        for key in c.metric_keys:
+            gain = row.get(f"{key}_gain")
+            value = (
+                cell(row.get(key))
+                if key != "peak_memory_bytes" or row.get(key) is None
+                else f"{row[key] / 1024**3:.2f} GiB"
+            )
+            values.append(value + (f" ({gain:+.2g})" if isinstance(gain, (int, float)) else ""))
+        rows.append([name, status, *values])
+    lines += table(["run", "status", *c.metric_keys], rows)
+    formats = list(dict.fromkeys(f for e in c.exports for f in e))
+    if formats:
+        lines += ["", "**Exports**", ""]
+        lines += table(["run", *formats], [[n, *(e.get(f, "–") for f in formats)] for n, e in zip(c.names, c.exports)])
+    return "\n".join(lines)
+
+
+def compare_view(paths: list[str], metric: str = "eval_loss"):
+    """(Markdown, overlaid loss figure) for the ticked runs; a message and no figure when they cannot be compared."""
+    if len(paths or []) < 2:
+        return "Tick two or more runs (or pick a sweep) to compare them.", None
+    try:
+        comparison = compare_runs(paths, metric)
+    except UserError as err:
+        return f"**Cannot compare:** {err.message}", None
+    return comparison_markdown(comparison), compare_figure(comparison.curves, comparison.best)
 
 
 def report_link(run_dir: str | Path) -> str:
@@ -66,10 +152,39 @@ def report_link(run_dir: str | Path) -> str:
 
 
 def wire(ctx: AppContext, parts: dict) -> None:
-    def on_refresh():
-        return runs_table(ctx), gr.update(choices=ctx.run_choices())
+    def on_refresh(ticked):
+        choices = ctx.run_choices()
+        kept = [p for p in ticked or [] if p in [path for _, path in choices]]
+        return (
+            runs_table(ctx),
+            gr.update(choices=choices),
+            gr.update(choices=choices, value=kept),
+            gr.update(choices=ctx.sweep_choices()),
+        )
 
-    parts["refresh"].click(on_refresh, outputs=[parts["table"], parts["pick"]])
+    parts["refresh"].click(
+        on_refresh,
+        inputs=parts["compare_runs"],
+        outputs=[parts["table"], parts["pick"], parts["compare_runs"], parts["compare_sweep"]],
+    )
+
+    def on_sweep(sweep_dir, metric):
+        if not sweep_dir:
+            return gr.skip(), gr.skip(), gr.skip()
+        trials = [str(p) for p in sweep_trial_dirs(sweep_dir)]
+        text, figure = compare_view(trials, metric)
+        return gr.update(choices=ctx.run_choices(), value=trials), text, figure
+
+    parts["compare_sweep"].change(
+        on_sweep,
+        inputs=[parts["compare_sweep"], parts["compare_metric"]],
+        outputs=[parts["compare_runs"], parts["comparison"], parts["compare_plot"]],
+    )
+    parts["compare"].click(
+        compare_view,
+        inputs=[parts["compare_runs"], parts["compare_metric"]],
+        outputs=[parts["comparison"], parts["compare_plot"]],
+    )
 
     def on_pick(run_dir):
         if not run_dir:

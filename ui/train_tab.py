@@ -12,13 +12,24 @@ import gradio as gr
 
 from autotuning.errors import UserError
 from autotuning.estimate import estimate_memory
-from autotuning.runs import RunStatus, last_checkpoint, load_run_config
+from autotuning.runs import (
+    RunStatus,
+    SweepDir,
+    compare_runs,
+    is_locked,
+    is_sweep,
+    last_checkpoint,
+    load_run_config,
+    load_sweep_config,
+    sweep_trial_dirs,
+)
 
 from .charts import loss_figure, lr_figure, progress_html, rewards_figure, throughput_figure
 from .context import AppContext
 from .export_tab import exports_markdown
 from .form import FORM_FIELDS, form_to_config, session_token
 from .identity import login_token
+from .runs_tab import comparison_markdown
 
 __all__ = ["build", "wire", "snapshot", "start_from_form", "resume_run", "resumable_runs", "memory_markdown"]
 
@@ -62,6 +73,14 @@ def build(ctx: AppContext, form: dict) -> dict:
     return parts
 
 
+def _sweep_snapshot(ctx: AppContext, run) -> dict:
+    """The sweep the shown run is a trial of (its progress), or {}."""
+    sweep = ctx.pipeline.sweep
+    if sweep is None or run is None or run.run_dir.parent.resolve() != sweep.run_dir.resolve():
+        return {}
+    return sweep.progress()
+
+
 def snapshot(ctx: AppContext) -> dict:
     """Everything the Train tab shows, as plain data (used by the tick and by tests)."""
     run = ctx.pipeline.current
@@ -99,6 +118,7 @@ def snapshot(ctx: AppContext) -> dict:
         "run_dir": str(run.run_dir),
         "notices": [e["message"] for e in events if e.get("type") == "notice"],
         "exports": (run.result.exports if run.result is not None else {}) or {},
+        "sweep": _sweep_snapshot(ctx, run),
     }
 
 
@@ -137,16 +157,35 @@ def memory_markdown(ctx: AppContext, values: dict, login: str = "") -> str:
     return "\n".join(lines)
 
 
+def _sweep_markdown(sweep: dict) -> str:
+    best = sweep.get("best") or {}
+    text = f"**Sweep:** `{sweep['status']}` &nbsp; `{sweep['sweep_dir']}` &nbsp; trial {sweep['trial']} of {sweep['trials']}"
+    if best.get("name"):
+        text += f" &nbsp; best so far: `{best['name']}` ({best['value']:.4g})"
+    if sweep.get("error"):
+        text += f"\n\n**Sweep error:** {sweep['error']}"
+    if sweep["status"] == RunStatus.STOPPED:
+        text += "\n\nThe sweep stopped with this trial: press **Resume** to continue it (this trial, then the rest)."
+    if sweep["status"] == RunStatus.FINISHED:
+        trials = sweep_trial_dirs(sweep["sweep_dir"])
+        if len(trials) >= 2:  # the sweep ends on its comparison
+            metric = SweepDir(sweep["sweep_dir"]).read().get("metric", "eval_loss")
+            text += "\n\n" + comparison_markdown(compare_runs(trials, metric))
+    return text
+
+
 def _status_markdown(snap: dict) -> str:
     status = snap["status"]
     if status == "idle":
         return "No run yet: set options, then press Start."
     text = f"**Status:** `{status}` &nbsp; **Run:** `{snap['run_dir']}`"
+    if snap.get("sweep"):
+        text = _sweep_markdown(snap["sweep"]) + "\n\n" + text
     if snap["error"]:
         text += f"\n\n**Error:** {snap['error']}"
     for notice in snap.get("notices", []):
         text += f"\n\n**Changed to fit in memory:** {notice}"
-    if status == RunStatus.STOPPED:
+    if status == RunStatus.STOPPED and not snap.get("sweep"):
         text += "\n\nStopped with a checkpoint saved: press **Resume** to continue from it."
     if status == RunStatus.FINISHED:
         text += "\n\nFinished: see the Evaluate, Export and Chat tabs."
@@ -157,18 +196,31 @@ def _status_markdown(snap: dict) -> str:
 
 def start_from_form(ctx: AppContext, values: dict, login: str = "") -> str:
     config = form_to_config(values, ctx.output_root, ctx.data_dirs, ctx.allow_code, login)
-    run = ctx.pipeline.start(config)
-    return f"Started `{run.run_dir}`."
+    job = ctx.pipeline.start(config)
+    if config.search.sweep:
+        return f"Started the sweep `{job.run_dir}` ({job.total} trials, one after another)."
+    return f"Started `{job.run_dir}`."
 
 
 def resumable_runs(ctx: AppContext) -> list[tuple[str, str]]:
-    """Runs that stopped, crashed or failed with a checkpoint to continue from (no live job holds them)."""
-    rows = [r for r in ctx.runs() if r["status"] in _RESUMABLE and not r.get("busy")]
-    return [
+    """Runs that stopped, crashed or failed with a checkpoint to continue from (no live job holds them), and sweeps
+    that did not finish (a sweep resumes as a whole: its stopped trial, then the rest)."""
+    rows = [r for r in ctx.runs() if r["status"] in _RESUMABLE and not r.get("busy") and not r.get("sweep")]
+    choices = [
         (f"{r['name']} ({r['status']}, step {r.get('step') or '?'})", r["path"])
         for r in rows
         if last_checkpoint(Path(r["path"]) / "checkpoints") is not None
     ]
+    for path in ctx.output_root.iterdir():
+        if not is_sweep(path) or is_locked(path):
+            continue
+        record = SweepDir(path).read()
+        left = [t["name"] for t in record.get("trials", []) if t.get("status") != RunStatus.FINISHED]
+        if record.get("status") != RunStatus.FINISHED and left:
+            choices.append(
+                (f"sweep {path.name} ({record.get('status')}, {len(left)} trials left from {left[0]})", str(path))
+            )
+    return choices
 
 
 def resume_run(ctx: AppContext, run_dir: str | None, hf_token: str = "") -> str:
@@ -181,8 +233,17 @@ def resume_run(ctx: AppContext, run_dir: str | None, hf_token: str = "") -> str:
         current = ctx.pipeline.current
         if current is None or current.status not in _RESUMABLE:
             raise UserError("no run picked to resume", "Train tab, 'Run to resume'", "pick the run to continue")
-        run_dir = str(current.run_dir)
+        sweep = ctx.pipeline.sweep
+        trial_of_sweep = sweep is not None and current.run_dir.parent.resolve() == sweep.run_dir.resolve()
+        run_dir = str(sweep.run_dir if trial_of_sweep else current.run_dir)
     path = Path(run_dir)
+    if is_sweep(path) and path.resolve().parent == ctx.output_root.resolve():
+        ctx.pipeline.start(load_sweep_config(path).replace(hf_token=hf_token, resume=True))
+        return f"Resuming the sweep `{path}`."
+    if path.resolve().parent.parent == ctx.output_root.resolve() and is_sweep(path.parent):
+        raise UserError(
+            "that run is a trial of a sweep", str(path), f"resume the sweep instead: pick 'sweep {path.parent.name}'"
+        )
     if path.resolve().parent != ctx.output_root.resolve() or last_checkpoint(path / "checkpoints") is None:
         raise UserError("that run has no checkpoint to resume from", str(path), "pick another run or start anew")
     ctx.pipeline.start(load_run_config(path, hf_token).replace(resume=True))
@@ -233,10 +294,12 @@ def wire(ctx: AppContext, form: dict, parts: dict) -> None:
         return render(-1, message)
 
     def on_stop(drawn):
-        run = ctx.pipeline.current
-        if run is None or not run.is_active():
+        job = ctx.pipeline.job
+        if job is None or not job.is_active():
             return render(drawn, "Nothing is running.")
-        run.stop()
+        job.stop()
+        if job is ctx.pipeline.sweep:
+            return render(drawn, "Stopping this trial at the next step (a checkpoint will be saved), then the sweep.")
         return render(drawn, "Stopping at the next step; a checkpoint will be saved.")
 
     def on_resume(drawn, picked, hf_token, login: gr.OAuthToken | None):

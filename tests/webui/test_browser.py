@@ -147,3 +147,27 @@ def test_reload_redraws_the_whole_curve(page, app_url):
     assert "browser-reload" in _status(page)
     page.click("#stop-btn")
     _wait(lambda: "stopped" in _status(page), 60, "the run to stop")
+
+
+def test_a_sweep_ends_on_its_comparison_and_the_runs_tab_compares_its_trials(page, app_url):
+    _set(page, "max_steps", "6")
+    _set(page, "eval_generations", "0")
+    _set(page, "run_name", "browser-sweep")
+    _set(page, "sweep", "{learning_rate: [0.001, 0.02], lora_r: [4, 8]}")
+    _wait(lambda: "valid" in page.inner_text("#config-validation"), 20, "the config to validate")
+    _tab(page, "Train")
+    page.click("#start-btn")
+    _wait(lambda: "Sweep" in _status(page), 30, "the sweep to start")
+    _wait(lambda: "Sweep: finished" in _status(page), 240, "the sweep to finish")
+    assert all(f"trial-0{i}" in _status(page) for i in range(1, 5)) and "⭐" in _status(page)
+
+    _tab(page, "Runs")
+    page.click("#runs-refresh")
+    page.click("#compare-sweep input")
+    page.get_by_role("option", name=re.compile("browser-sweep")).first.click()
+    _wait(lambda: "Best by eval_loss" in page.inner_text("#compare-view"), 30, "the comparison")
+    view = page.inner_text("#compare-view")
+    assert all(f"trial-0{i}" in view for i in range(1, 5))
+    assert view.count("(best)") == 1 and "learning_rate" in view and "lora_r" in view
+    _wait(lambda: page.locator("#compare-plot .js-plotly-plot").count() >= 1, 20, "the overlaid loss chart")
+    assert page.locator("#compare-runs input:checked").count() == 4
