@@ -66,6 +66,7 @@ from .runs import (
 from .training import FinalCheckpointCallback, MetricsCallback, StopCallback, build_trainer
 from .training.oom import TrainedState, train_with_oom_policy
 from .training.preference import build_preference_trainer
+from .training.speedups import check_speedups
 from .training.trackers import check_trackers
 
 __all__ = ["JobResult", "run_job", "preflight", "export_preflight", "evaluation_device"]
@@ -133,6 +134,7 @@ def preflight(config: Config) -> None:
         )
     check_distributed(config)
     check_trackers(config)  # a missing tracker package: its extra named now, not a traceback mid-run
+    check_speedups(config)  # Liger's kernels on a machine without CUDA or without the package
 
 
 def export_preflight(config: Config, hf_config) -> None:

@@ -439,6 +439,26 @@ class TrainingConfig:
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: less memory, ~30% slower.", default=False
     )
+    fused_lora: bool = _help(
+        "Add each LoRA update into its base layer's output with one fused matmul (addmm) instead of PEFT's two "
+        "extra passes over the output. Needs lora_dropout: 0; same results (docs/BENCHMARKS.md has its speed).",
+        default=False,
+    )
+    liger_kernels: bool = _help(
+        "Liger's Triton kernels for RMSNorm, RoPE and SwiGLU/GeGLU in the base model, through transformers' "
+        "integration. CUDA GPUs only; pip install 'autotuning[liger]'.",
+        default=False,
+    )
+    fused_cross_entropy: bool = _help(
+        "Liger's fused linear cross-entropy: the LM head and the loss computed in chunks, never the full logits "
+        "(for large vocabularies). CUDA GPUs only; pip install 'autotuning[liger]'.",
+        default=False,
+    )
+    compile_layers: bool = _help(
+        "torch.compile each decoder layer (regional compilation: one compiled graph serves every layer). The first "
+        "steps pay the compile time.",
+        default=False,
+    )
     early_stopping_patience: int = _help(
         "Stop when the eval loss has not improved for this many evaluations (needs eval_steps > 0). 0 = off.",
         default=0,
@@ -1050,6 +1070,27 @@ class Config:
                 f"{method} under FSDP needs a sharded reference model, which this version does not set up",
                 "fields 'distributed'/'training_method'",
                 "use distributed: ddp, or training_method: orpo or simpo (no reference model)",
+            )
+        liger = [name for name in ("liger_kernels", "fused_cross_entropy") if getattr(t, name)]
+        if liger and method.is_preference:
+            raise ConfigError(
+                f"{liger[0]} applies to supervised fine-tuning; {method} computes its own loss over chosen and "
+                "rejected answers",
+                f"fields '{liger[0]}'/'training_method'",
+                f"set {liger[0]}: false",
+            )
+        if t.fused_lora and peft is PeftType.NONE:
+            raise ConfigError(
+                "fused_lora fuses LoRA adapters, and a full fine-tune (peft_type 'none') has none",
+                "fields 'fused_lora'/'peft_type'",
+                "set fused_lora: false, or peft_type: lora",
+            )
+        if t.fused_lora and self.peft.lora_dropout > 0:
+            raise ConfigError(
+                f"fused_lora adds the LoRA update in one matmul, which has no room for dropout "
+                f"(lora_dropout is {self.peft.lora_dropout})",
+                "fields 'fused_lora'/'lora_dropout'",
+                "set lora_dropout: 0, or fused_lora: false",
             )
         if peft is PeftType.NONE and quant is not Quantization.NONE:
             raise ConfigError(

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
 import datasets
 import torch
-from peft.helpers import disable_input_dtype_casting
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from ..config import BestMetric, Config, Distributed
+from .speedups import compile_decoder_layers, liger_arguments, use_fused_lora
 from .trackers import attach_trackers
 
 __all__ = [
@@ -24,6 +27,8 @@ __all__ = [
     "assemble_trainer",
     "quiet_progress",
 ]
+
+log = logging.getLogger("autotuning")
 
 
 def common_arguments(config: Config, checkpoint_dir: Path, precision: str, has_eval: bool, show_progress: bool):
@@ -77,6 +82,9 @@ def common_arguments(config: Config, checkpoint_dir: Path, precision: str, has_e
         save_steps=eval_every if select_best else t.save_steps,  # the best must be a saved checkpoint
         save_total_limit=t.save_total_limit,
         include_num_input_tokens_seen="non_padding",  # for tokens/s in the metric events
+        # The filter's torch.isnan(loss) is a host sync every step, and it hides a diverged run behind an average:
+        # a nan loss is logged as nan.
+        logging_nan_inf_filter=False,
         # Trackers through transformers' integrations; training/trackers.py points them at the run directory.
         # The integrations report from the global rank 0 only (state.is_world_process_zero).
         report_to=[str(r) for r in config.run.report_to] or "none",
@@ -105,6 +113,7 @@ def build_sft_config(config: Config, checkpoint_dir: Path, precision: str, has_e
         # Every batch is padded to its longest row, never to max_seq_length; grouping rows of similar length
         # (in shuffled megabatches) leaves little padding even then.
         train_sampling_strategy="group_by_length" if (t.group_by_length and not t.packing) else "random",
+        **liger_arguments(config),
     )
 
 
@@ -121,6 +130,14 @@ def assemble_trainer(trainer_class, config: Config, args, model, tokenizer, trai
         t = config.training
         callbacks = [*callbacks, EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold)]
     run_dir = Path(args.output_dir).parent  # output_dir is <run>/checkpoints
+    t = config.training
+    if t.fused_lora:
+        log.info("fused_lora: %d LoRA layers add their update with one addmm", use_fused_lora(model))
+    if t.compile_layers:
+        log.info(
+            "compile_layers: %d decoder layers compiled (the first steps pay the compile)",
+            compile_decoder_layers(model),
+        )
     trainer = trainer_class(
         model=model,
         args=args,
@@ -190,8 +207,8 @@ def use_model_loss(config: Config, vocab_size: int, precision: str) -> bool:
     0.8B Llama with an 8k vocabulary (bench/mfu.py on an H200), so we keep it only where its memory saving
     matters: when one batch's full logits would pass 2 GiB (large vocabularies, long rows, big batches).
     """
-    if not torch.cuda.is_available():
-        return True
+    if not torch.cuda.is_available() or config.training.fused_cross_entropy:
+        return True  # Liger's fused cross-entropy replaces the model's own loss
     compute = 4 if precision == "fp32" else 2
     tokens = config.training.per_device_train_batch_size * config.data.max_seq_length
     return tokens * vocab_size * (compute + 12) <= _MODEL_LOSS_MAX_LOGITS_BYTES
@@ -200,17 +217,41 @@ def use_model_loss(config: Config, vocab_size: int, precision: str) -> bool:
 def _trainer_class(model_loss: bool):
 
     class AutotuningSFTTrainer(SFTTrainer):
-        """SFTTrainer with two speed-ups that change no result.
+        """SFTTrainer with speed-ups that change no result.
 
         - Under mixed precision, LoRA layers skip casting their input to the adapter's fp32 dtype: autocast casts
           it straight back to bf16/fp16 for the matmul, so the two copies (and their backward) were pure waste
-          (~20% of a GPU step in torch.profiler: aten::copy_ and ToCopyBackward0).
+          (~20% of a GPU step in torch.profiler: aten::copy_ and ToCopyBackward0). The layers are found once, not
+          by walking every module twice a step.
+        - No host sync every step: the tokens seen are summed on the device and read once per log and checkpoint
+          (transformers reads them with ``.item()`` each step), and the FLOP count uses a parameter count taken
+          once (transformers walks every parameter each step).
         - Optionally the model's own loss (see :func:`use_model_loss`); labels are the same (-100 on prompts).
         """
 
+        def __init__(self, *args, **kwargs):
+            self._tuner_layers: dict[int, list] = {}
+            self._pending_tokens = None
+            self._counted_parameters = None
+            super().__init__(*args, **kwargs)
+
+        @contextlib.contextmanager
         def _casting(self, model):
-            mixed = self.args.bf16 or self.args.fp16
-            return disable_input_dtype_casting(model, active=mixed)
+            if not (self.args.bf16 or self.args.fp16):
+                yield
+                return
+            layers = self._tuner_layers.get(id(model))
+            if layers is None:
+                layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+                self._tuner_layers[id(model)] = layers
+            saved = [layer.cast_input_dtype_enabled for layer in layers]
+            for layer in layers:
+                layer.cast_input_dtype_enabled = False
+            try:
+                yield
+            finally:
+                for layer, value in zip(layers, saved):
+                    layer.cast_input_dtype_enabled = value
 
         def training_step(self, model, inputs, *args, **kwargs):
             with self._casting(model):
@@ -219,6 +260,35 @@ def _trainer_class(model_loss: bool):
         def prediction_step(self, model, inputs, *args, **kwargs):
             with self._casting(model):
                 return super().prediction_step(model, inputs, *args, **kwargs)
+
+        def _track_num_input_tokens(self, inputs):
+            if self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            count = inputs["attention_mask"].sum()
+            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+        def _flush_tokens(self) -> None:
+            """Add the tokens summed on the device to the state (every rank calls this: the gather is collective)."""
+            pending, self._pending_tokens = self._pending_tokens, None
+            if pending is not None:
+                pending = torch.as_tensor(pending, device=self.args.device, dtype=torch.int64)
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum().item())
+
+        def log(self, logs, *args, **kwargs):
+            self._flush_tokens()
+            return super().log(logs, *args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            self._flush_tokens()  # the checkpoint's trainer_state.json carries the count a resume continues from
+            return super()._save_checkpoint(*args, **kwargs)
+
+        def floating_point_ops(self, inputs):
+            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+            if ids is None or not hasattr(self.model, "num_parameters"):
+                return super().floating_point_ops(inputs)
+            if self._counted_parameters is None:
+                self._counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * ids.numel() * self._counted_parameters
 
         if model_loss:
 
