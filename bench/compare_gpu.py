@@ -36,7 +36,10 @@ and torch.compile (its compile time is ``warmup_s``) are out of the timed rounds
 warm-up gives the first-step loss: all methods start from the same weights and LoRA, so it should agree to
 bf16 rounding (``first_loss_max_rel_diff``). Then ``--rounds`` timed rounds, interleaved (the order rotates
 every round): each times steps 2..N between two device syncs, logging off inside (logging_steps far above
-N), with the real tokens counted on the device by `mfu.FlopCounter` and read after the window. MFU is
+N). Tokens and FLOPs per window are the file's (`mfu.step_flops`, attention per row); each method's own
+`mfu.FlopCounter` hook counts them on the device, read after the window, as a check (``same_tokens``).
+``--warmup-parallel`` runs several warm-ups at once (each holds a batch's activations; their ``warmup_s``
+then overlap); ``--deadline`` stops starting warm-ups and rounds so that the JSON still comes in time. MFU is
 against the matmul peak measured in this script and against the spec sheet (`mfu.SPEC_PEAK_BF16_TFLOPS`).
 
 The last line printed is one JSON object: per method status (ok / skipped / failed, with the reason),
@@ -45,18 +48,19 @@ and the ratios ours/unsloth and ours/trl_liger.
 
 Unsloth 2026.10.9 pins transformers <= 5.17, trl <= 1.15 and datasets < 5, so its process runs with its own
 packages first on PYTHONPATH (``--unsloth-target DIR``, a ``pip install --target``), in front of whatever
-PYTHONPATH the parent has; everything else comes from the machine. The wheels, downloaded on a machine
-with pip access, from the repository root (bench/DEVICE.md has the carry plan and the device commands)::
+PYTHONPATH the parent has (there: /tmp/site, our stack); the rest comes from the machine's image. The wheels,
+for the device's Python 3.12, on a machine with pip access, from the repository root (`python bench/carry.py`
+runs exactly this and slims two wheels to fit the 64 MiB carry; bench/DEVICE.md has the sizes and the calls)::
 
-    PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \\
-      --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \\
-      --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
-    # ours, trl, trl_liger (the image lacks trl, datasets, dill, multiprocess, liger-kernel):
-    pip download --no-deps $PLAT -d .whl transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 \\
-      dill==0.4.0 multiprocess==0.70.18 liger-kernel==0.8.5 bitsandbytes==0.50.2
-    # unsloth's own stack:
-    pip download --no-deps $PLAT -d .whl-unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 \\
-      transformers==5.17.0 trl==1.15.0 datasets==4.8.5 tyro==... (bench/DEVICE.md lists them all)
+    PLAT="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+    pip download $PLAT -d .whl transformers==5.24.0 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
+      multiprocess==0.70.19 liger-kernel==0.8.5 bitsandbytes==0.50.2
+    pip download $PLAT -d .whl-unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 \
+      trl==1.15.0 datasets==4.8.5 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 \
+      msgspec==0.23.0 cut_cross_entropy==25.1.1 torchao==0.18.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+      annotated_types==0.8.0 typing_inspection==0.4.5 json5==0.17.3 nest_asyncio==1.6.0 structlog==26.1.0
 
 and on the device::
 
@@ -64,7 +68,9 @@ and on the device::
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site .whl-unsloth/*.whl
     PYTHONPATH=/tmp/site python3 bench/compare_gpu.py ... --unsloth-target /tmp/unsloth-site
 
-The wheels are never committed (``.whl*`` are ignored through .git/info/exclude).
+Not carried: xformers (Unsloth's optional attention backend, built for one torch; without it Unsloth uses
+torch's SDPA), hf_transfer and diffusers (downloads and diffusion models only). The wheels are never
+committed (``/.whl*/`` in .git/info/exclude).
 """
 
 from __future__ import annotations
@@ -246,6 +252,7 @@ class Worker:
             cwd=run_dir,
             env=env,
         )
+        self.pending = ("start", time.perf_counter())  # (command, when sent): what the next reply answers
         self._replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -258,22 +265,36 @@ class Worker:
                 self._log.flush()
         self._replies.put(None)  # end of output: the process is gone
 
-    def ask(self, command: str | None, timeout: float) -> dict:
-        """Send a command (None: only wait for the next reply) and return the reply, or an error reply."""
-        if command is not None:
-            try:
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
+    def send(self, command: str) -> None:
+        self.pending = (command, time.perf_counter())
         try:
-            reply = self._replies.get(timeout=timeout)
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the reply says what happened
+
+    def poll(self, wait: float, timeout: float) -> dict | None:
+        """The reply to the pending command (or to the start), an error reply once ``timeout`` seconds have passed
+        since it was sent, or None if there is none yet after waiting ``wait`` seconds."""
+        command, since = self.pending
+        try:
+            reply = self._replies.get(timeout=wait)
         except queue.Empty:
+            if time.perf_counter() - since < timeout:
+                return None
             self.proc.kill()
-            return {"error": f"no answer to {command or 'start'} within {timeout:.0f} s", "log_tail": self.tail()}
+            return {"error": f"no answer to {command} within {timeout:.0f} s", "log_tail": self.tail()}
         if reply is None:
             self.proc.wait()
             return {"error": f"the process ended (exit code {self.proc.returncode})", "log_tail": self.tail()}
+        return reply
+
+    def ask(self, command: str | None, timeout: float) -> dict:
+        """Send a command (None: only wait for the start) and wait for the reply, or an error reply."""
+        if command is not None:
+            self.send(command)
+        while (reply := self.poll(1.0, timeout)) is None:
+            pass
         return reply
 
     def tail(self, lines: int = 15) -> str:
@@ -306,22 +327,51 @@ def worker_env(name: str, args) -> dict:
     return env
 
 
-def summarise(name: str, result: dict, peak: float, spec_peak: float | None, expected: tuple[int, int]) -> dict:
+def model_work(model_dir: Path) -> dict:
+    """What one real token and one attention pair cost in this workload: the matmul weights (frozen, LoRA-trained)
+    of the model with r=16 on the 7 linears, its layers and attention width, from a meta-device skeleton."""
+    import torch
+    from mfu import attention_width
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    frozen = trained = 0
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            frozen += module.in_features * module.out_features
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                trained += LORA_R * (module.in_features + module.out_features)
+    return dict(frozen=frozen, trained=trained, layers=config.num_hidden_layers, width=attention_width(config))
+
+
+def summarise(result: dict, peak: float, spec_peak: float | None, expected: tuple[int, int], work: dict) -> dict:
+    """tok/s and MFU of one method over its timed rounds.
+
+    Tokens and FLOPs are the file's (every method trains on the same batches), not what the method's own hook
+    counted: a trainer that dropped the attention mask would otherwise count its padding as work. The hook's
+    counts only check that: ``same_tokens``; ``same_work`` checks the method's LoRA model has the expected
+    matmul weights.
+    """
+    from mfu import step_flops
+
     rounds = result.get("rounds", [])
+    out = {k: v for k, v in result.items() if k != "rounds"}
+    if "matmul_weights" in result:
+        out["same_work"] = result["matmul_weights"] == [work["frozen"], work["trained"]]
     seconds = sum(r["seconds"] for r in rounds)
-    tokens = sum(r["tokens"] for r in rounds)
-    flops = sum(r["flops"] for r in rounds)
-    out = {k: v for k, v in result.items() if k not in ("rounds",)}
     if not rounds or seconds <= 0:
         return out
+    flops_per_round = step_flops(work["frozen"], work["trained"], work["layers"], work["width"], *expected)
+    gflop_s = flops_per_round * len(rounds) / seconds / 1e9
     out.update(
-        tok_s=round(tokens / seconds, 1),
-        tok_s_per_round=[round(r["tokens"] / r["seconds"], 1) for r in rounds],
-        tflop_s=round(flops / seconds / 1e12, 3),
-        mfu_measured=round(flops / seconds / 1e9 / peak, 4),
-        mfu_spec=round(flops / seconds / 1e9 / spec_peak, 4) if spec_peak else None,
+        tok_s=round(expected[0] * len(rounds) / seconds, 1),
+        tok_s_per_round=[round(expected[0] / r["seconds"], 1) for r in rounds],
+        tflop_s=round(gflop_s / 1000, 3),
+        mfu_measured=round(gflop_s / peak, 4),
+        mfu_spec=round(gflop_s / spec_peak, 4) if spec_peak else None,
         timed_steps=sum(r["steps"] for r in rounds),
-        # Every round trains on the same rows: each window must hold exactly the tokens the file says.
         same_tokens=all((r["tokens"], r["pairs"]) == expected for r in rounds),
     )
     return out
@@ -347,6 +397,7 @@ def main_parent(args) -> int:
     rows, lengths = tokenise_rows(model_dir, args.workdir, args.batch, args.steps)
     lora_init = write_lora_init(model_dir, args.workdir)
     expected = expected_window(lengths, args.batch)
+    work = model_work(model_dir)
     print(f"model {model_dir}; {len(lengths)} rows ({sum(lengths)} tokens) in {args.steps} batches of {args.batch}")
 
     spec = dict(
@@ -369,6 +420,9 @@ def main_parent(args) -> int:
             continue
         workers[name] = Worker(name, {**spec, "method": name, "keys": keys}, args.workdir, worker_env(name, args))
 
+    def past_deadline() -> bool:
+        return bool(args.deadline) and time.perf_counter() - started > args.deadline
+
     def fail(name: str, reply: dict):
         results[name] = {**results.get(name, {}), "status": "failed", **reply}
         workers.pop(name).close(timeout=5)
@@ -380,16 +434,37 @@ def main_parent(args) -> int:
             fail(name, reply)
         else:
             results[name] = {"status": "ok", **reply}
-    for name in list(workers):  # one at a time: a warm-up may compile, and must not share the device
-        reply = workers[name].ask("warmup", args.timeout)
-        if "error" in reply:
-            fail(name, reply)
-        else:
-            results[name].update(reply)
+    # Warm-ups, longest first (compilation, Unsloth's patching), at most --warmup-parallel at a time: they are
+    # untimed, and their JIT and compile work is mostly on the CPU.
+    todo = sorted(workers, key=lambda n: ("compile_layers" not in n, n != "unsloth"))
+    running: list[str] = []
+    while todo or running:
+        if todo and past_deadline():
+            for name in todo:  # better a JSON without them than none: the device call would be killed
+                results[name] = {
+                    "status": "skipped",
+                    "reason": f"--deadline {args.deadline:.0f} s passed before its warm-up",
+                }
+                workers.pop(name).close(timeout=5)
+            todo = []
+        while todo and len(running) < args.warmup_parallel:
+            running.append(todo.pop(0))
+            workers[running[-1]].send("warmup")
+        for name in list(running):
+            reply = workers[name].poll(0.2, args.timeout)
+            if reply is None:
+                continue
+            running.remove(name)
+            if "error" in reply:
+                fail(name, reply)
+                continue
+            results[name].update(reply, rounds=[])
             print(f"{name}: warm-up {reply['warmup_s']:.1f} s, first-step loss {reply['first_loss']}")
-        if name in workers:
-            results[name]["rounds"] = []
+    rounds_done = 0
     for r in range(args.rounds):
+        if past_deadline():
+            print(f"--deadline {args.deadline:.0f} s passed: {rounds_done} of {args.rounds} rounds done")
+            break
         names = list(workers)
         for name in names[r % len(names) :] + names[: r % len(names)] if names else []:
             reply = workers[name].ask("round", args.timeout)
@@ -397,11 +472,12 @@ def main_parent(args) -> int:
                 fail(name, reply)
                 continue
             results[name]["rounds"].append(reply)
-            print(f"round {r + 1} {name}: {reply['tokens'] / reply['seconds']:.0f} tok/s")
+            print(f"round {r + 1} {name}: {expected[0] / reply['seconds']:.0f} tok/s")
+        rounds_done += 1
     for worker in workers.values():
         worker.close()
 
-    summary = {name: summarise(name, results[name], peak, spec_peak, expected) for name, _keys in methods}
+    summary = {name: summarise(results[name], peak, spec_peak, expected, work) for name, _keys in methods}
     losses = {n: s["first_loss"] for n, s in summary.items() if s.get("first_loss") is not None}
     spread = None
     if len(losses) > 1:
@@ -412,11 +488,11 @@ def main_parent(args) -> int:
         x, y = summary.get(a, {}).get("tok_s"), summary.get(b, {}).get("tok_s")
         return round(x / y, 3) if x and y else None
 
-    print(f"\n{'method':<58} {'status':<8} {'tok/s':>9} {'MFU meas':>9} {'MFU spec':>9} {'1st loss':>9} {'warm s':>7}")
+    print(f"\n{'method':<64} {'status':<8} {'tok/s':>9} {'MFU meas':>9} {'MFU spec':>9} {'1st loss':>9} {'warm s':>7}")
     for name, s in summary.items():
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
         print(
-            f"{name:<58} {s['status']:<8} {s.get('tok_s', '-'):>9} {pct(s.get('mfu_measured')):>9} "
+            f"{name:<64} {s['status']:<8} {s.get('tok_s', '-'):>9} {pct(s.get('mfu_measured')):>9} "
             f"{pct(s.get('mfu_spec')):>9} {s.get('first_loss', '-'):>9} {s.get('warmup_s', '-'):>7}"
         )
     print_result(
@@ -432,8 +508,10 @@ def main_parent(args) -> int:
             "quantization": args.quantization,
             "batch": args.batch,
             "steps_per_round": args.steps,
-            "rounds": args.rounds,
+            "rounds": rounds_done,
+            "warmup_parallel": args.warmup_parallel,
             "window_tokens_per_round": expected[0],
+            "matmul_weights": [work["frozen"], work["trained"]],
             "wall_s": round(time.perf_counter() - started, 1),
         }
     )
@@ -733,6 +811,13 @@ def main() -> int:
     parser.add_argument("--unsloth-target", type=Path, default=None, help="pip --target dir with Unsloth's stack")
     parser.add_argument("--unsloth-cpu", action="store_true", help="run unsloth without CUDA (its CPU fallback)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a worker may take for one command")
+    parser.add_argument("--warmup-parallel", type=int, default=1, help="warm-ups at a time (each holds a batch)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0,
+        help="seconds after which no new round starts (0: none); the JSON still comes",
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "autotuning-compare")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
