@@ -15,7 +15,9 @@ Methods (`--methods`, comma-separated; `all` = ours,ladder,trl_liger,unsloth):
 - ``trl_liger``: the same with ``use_liger_kernel=True`` (TRL 1.16 applies Liger's RMSNorm/RoPE/SwiGLU and
   keeps its own chunked LM-head loss). Needs CUDA and liger-kernel.
 - ``unsloth``: Unsloth as shipped: FastLanguageModel.from_pretrained on the same directory, get_peft_model,
-  TRL's SFTTrainer as Unsloth patches it. Needs CUDA and ``--unsloth-target`` (below).
+  TRL's SFTTrainer as Unsloth patches it. Needs CUDA and ``--unsloth-target`` (below). On a CPU,
+  ``--unsloth-cpu`` runs it anyway through Unsloth's CPU fallback (stock transformers + PEFT + TRL): a check
+  of this script's plumbing and of Unsloth's package stack, not a speed comparison.
 
 Everything that could differ between methods and is not the method itself is fixed:
 
@@ -380,9 +382,11 @@ def summarise(result: dict, peak: float, spec_peak: float | None, expected: tupl
 def main_parent(args) -> int:
     import torch
     from common import print_result, workload
-    from mfu import build_preset, peak_matmul_gflops, spec_peak_bf16_gflops
+    from mfu import PRESETS, build_preset, peak_matmul_gflops, spec_peak_bf16_gflops
 
     cuda = torch.cuda.is_available()
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {args.preset!r}: one of {', '.join(sorted(PRESETS))}")
     methods = resolve_methods(args.methods, args.ladder)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
