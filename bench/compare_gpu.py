@@ -112,7 +112,8 @@ SEED = 42
 def resolve_methods(methods: str, ladder: str | None) -> list[tuple[str, list[str]]]:
     """[(name, config keys switched on)] in run order: ours, the ladder's rungs, then the others."""
     rungs = [r.split("+") for r in ladder.split(",")] if ladder else [list(LADDER[: i + 1]) for i in range(len(LADDER))]
-    wanted = [m.strip() for m in methods.replace("all", DEFAULT_METHODS).split(",") if m.strip()]
+    tokens = [m.strip() for m in methods.split(",") if m.strip()]
+    wanted = [w for m in tokens for w in (DEFAULT_METHODS.split(",") if m == "all" else [m])]
     out: list[tuple[str, list[str]]] = []
     for m in wanted:
         if m in ("plain", "trl_plain"):
