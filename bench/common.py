@@ -43,26 +43,49 @@ def machine() -> dict:
     }
 
 
-def build_local_llama(path: Path, **sizes) -> Path:
-    """A Llama with random weights (fixed seed) and the builtin tokenizer, saved once to ``path``."""
+def build_local_model(path: Path, arch: str = "llama", **sizes) -> Path:
+    """A causal LM with random weights (fixed seed) and the builtin tokenizer, saved once to ``path``.
+
+    ``arch`` is ``llama`` or ``qwen2``. The builtin tokenizer has a small vocabulary: ``vocab_size`` only sizes
+    the embedding and the head (every token id it produces is below it), which is what a speed benchmark needs.
+    Weights are built on the GPU when there is one (a 1B model initialises in seconds there, minutes on a few
+    cores) and saved in bf16 when ``sizes`` asks for it (``dtype="bfloat16"``): half the bytes to write and read.
+    """
     if (path / "config.json").is_file():
         return path
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from autotuning.modeling import resolve_model_path
 
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[arch]
+    dtype = getattr(torch, sizes.pop("dtype", "float32"))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    config = LlamaConfig(
+    config = config_class(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **sizes,
     )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    with torch.device(device):
+        model = model_class(config)
+    model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_local_llama(path: Path, **sizes) -> Path:
+    """A Llama with random weights (fixed seed) and the builtin tokenizer, saved once to ``path``."""
+    return build_local_model(path, "llama", **sizes)
 
 
 def build_llama_30m(path: Path) -> Path:
@@ -131,23 +154,25 @@ def bench_config(workdir: Path, **extra):
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
-def build_default_trainer(config, workdir: Path, callbacks_for):
+def build_default_trainer(config, workdir: Path, callbacks_for, train_dataset=None):
     """Our default training path, exactly what `train` runs: `prepare_data` -> `load_model` -> LoRA ->
     `build_trainer`. ``callbacks_for(model)`` gives the benchmark's callbacks (it may hook the model).
-    Returns (trainer, precision)."""
+    ``train_dataset`` (tokenised rows: input_ids, completion_mask) replaces `prepare_data` where a benchmark
+    feeds every method the very same rows. Returns (trainer, precision)."""
     from autotuning.data import prepare_data
     from autotuning.modeling import apply_peft, load_model, load_tokenizer
     from autotuning.training import build_trainer
 
     tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer)
+    if train_dataset is None:
+        train_dataset = prepare_data(config, tokenizer).train
     loaded = load_model(config)
     model = apply_peft(loaded.model, config)
     trainer = build_trainer(
         config,
         model,
         tokenizer,
-        data.train,
+        train_dataset,
         None,
         workdir / "ours",
         loaded.precision,
