@@ -194,6 +194,22 @@ def build(ctx: AppContext, form: dict) -> dict:
                     info=_info("gradient_checkpointing"),
                 )
             with gr.Row():
+                # Speed-ups (README "Speed"): each gives the plain path's results; Liger's need a CUDA GPU.
+                form["fused_lora"] = gr.Checkbox(
+                    value=v["fused_lora"], label="Fused LoRA add", info=_info("fused_lora")
+                )
+                form["liger_kernels"] = gr.Checkbox(
+                    value=v["liger_kernels"], label="Liger kernels (CUDA)", info=_info("liger_kernels")
+                )
+                form["fused_cross_entropy"] = gr.Checkbox(
+                    value=v["fused_cross_entropy"],
+                    label="Fused cross-entropy (CUDA)",
+                    info=_info("fused_cross_entropy"),
+                )
+                form["compile_layers"] = gr.Checkbox(
+                    value=v["compile_layers"], label="Compile decoder layers", info=_info("compile_layers")
+                )
+            with gr.Row():
                 form["distributed"] = gr.Dropdown(
                     Distributed.values(), value=v["distributed"], label="Multi-process", info=_info("distributed")
                 )

@@ -144,13 +144,14 @@ class FusedLoraAdd(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs):
-        return fused_lora_add(
-            result,
-            x,
-            module.lora_A[active_adapter].weight,
-            module.lora_B[active_adapter].weight,
+        lora_a, lora_b, scaling = (
+            module.lora_A[active_adapter],
+            module.lora_B[active_adapter],
             module.scaling[active_adapter],
         )
+        if not result.is_contiguous():  # the in-place add writes through a flat view; vanilla LoRA otherwise
+            return result + lora_b(lora_a(x)) * scaling
+        return fused_lora_add(result, x, lora_a.weight, lora_b.weight, scaling)
 
 
 def _fusable(module, adapter: str) -> bool:
