@@ -153,9 +153,9 @@ def test_speedups_that_cannot_apply_are_refused_with_the_fields(sets, fields):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("name", ["liger_kernels", "fused_cross_entropy"])
-def test_liger_on_a_machine_without_cuda_is_refused_before_any_work(name):
-    config = load_config(None, ["dataset_path=sample", f"{name}=true"])
+@pytest.mark.parametrize("name", ["liger_kernels", "fused_cross_entropy", "varlen_attention"])
+def test_cuda_speedups_on_a_machine_without_cuda_are_refused_before_any_work(name):
+    config = load_config(None, ["dataset_path=sample", f"{name}=true", "packing=true"])
     with pytest.raises(ConfigError, match=f"field '{name}'.*false here"):
         preflight(config)
 
@@ -164,15 +164,22 @@ def test_liger_on_a_machine_without_cuda_is_refused_before_any_work(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "speedup",
-    [{"fused_lora": True}, {"liger_kernels": True}, {"fused_cross_entropy": True}, {"compile_layers": True}],
-    ids=lambda s: next(iter(s)),
+    [
+        {"fused_lora": True},
+        {"liger_kernels": True},
+        {"fused_cross_entropy": True},
+        {"compile_layers": True},
+        {"packing": True, "varlen_attention": True},
+    ],
+    ids=lambda s: list(s)[-1],
 )
 def test_each_gpu_speedup_trains_the_plain_curve(tmp_path, speedup):
     """On a GPU (bf16): the speed-up's loss curve follows the plain path's within bf16 noise."""
     if "liger" in next(iter(speedup)) or "cross_entropy" in next(iter(speedup)):
         pytest.importorskip("liger_kernel")
     curves = []
-    for name, extra in (("plain", {}), ("fast", speedup)):
+    plain = {k: v for k, v in speedup.items() if k == "packing"}  # varlen's plain path: packing with sdpa
+    for name, extra in (("plain", plain), ("fast", speedup)):
         config = _run_config(tmp_path, name, max_steps=12, num_train_epochs=3, save_format="torch", **extra)
         result = run_job(config, show_progress=False)
         assert result.status == "finished"
@@ -181,3 +188,85 @@ def test_each_gpu_speedup_trains_the_plain_curve(tmp_path, speedup):
         )
     assert len(curves[0]) == len(curves[1])
     assert _relative(curves[1], curves[0]) < 3e-2, (curves[0].tolist(), curves[1].tolist())
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """What torch.nn.attention.varlen.varlen_attn computes (its kernel is CUDA only): causal sdpa per document."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k)
+    assert max_q == int(cu_q.diff().max())
+    outs = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qi, ki, vi, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _packed_vs_separate(model, documents, collator):
+    """Logits of the documents packed into one padding-free row, and of each document alone."""
+    batch = collator([{"input_ids": ids} for ids in documents])
+    assert batch["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in batch and "attention_mask" not in batch
+    inputs = {k: v for k, v in batch.items() if k != "labels" and k != "seq_idx"}
+    with torch.no_grad():
+        packed = model(**inputs).logits[0]
+    return packed, batch["cu_seq_lens_q"].tolist()
+
+
+def test_varlen_attention_attends_within_each_packed_document(monkeypatch):
+    """The glue around torch's varlen kernel (layout, document boundaries through transformers' kwargs, GQA, the
+    causal window), with the kernel replaced by its reference on this CPU; the kernel itself runs in the GPU test."""
+    from torch.nn.attention import varlen
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from autotuning.modeling import resolve_model_path
+    from autotuning.training.speedups import use_varlen_attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen)
+    path = resolve_model_path("builtin:tiny-llama")
+    plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    restore = use_varlen_attention(model)
+    torch.manual_seed(0)
+    documents = [torch.randint(5, 200, (n,)).tolist() for n in (7, 12, 4)]
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    packed, bounds = _packed_vs_separate(model, documents, collator)
+    assert bounds == [0, 7, 19, 23]
+    with torch.no_grad():
+        for ids, start in zip(documents, bounds):
+            alone = plain(input_ids=torch.tensor([ids])).logits[0]
+            assert _relative(packed[start : start + len(ids)], alone) < 1e-5
+    # sdpa without a mask over the same packed row attends across documents: the check above can fail.
+    with torch.no_grad():
+        mixed = plain(input_ids=torch.tensor([sum(documents, [])])).logits[0]
+    assert _relative(mixed[7:19], packed[7:19]) > 1e-3
+    restore.on_train_end(None, None, None)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_varlen_attention_refuses_what_it_does_not_compute():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from autotuning.training.speedups import check_varlen_model
+
+    check_varlen_model(LlamaConfig())
+    with pytest.raises(ConfigError, match="sliding attention window.*soft-capped|sliding attention window"):
+        check_varlen_model(Gemma3TextConfig())
+    with pytest.raises(ConfigError, match="varlen_attention.*packing"):
+        load_config(None, ["dataset_path=sample", "varlen_attention=true"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torchs_varlen_kernel_matches_causal_attention_per_document():
+    from torch.nn.attention import varlen
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 37, 100, 129], dtype=torch.int32, device="cuda")
+    q = torch.randn(129, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(129, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got = varlen.varlen_attn(q, k, v, cu, cu, 63, 63, window_size=(-1, 0), enable_gqa=True)
+    want = _reference_varlen(q, k, v, cu, cu, 63, 63, window_size=(-1, 0), enable_gqa=True)
+    assert _relative(got, want) < 2e-2

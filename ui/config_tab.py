@@ -209,6 +209,11 @@ def build(ctx: AppContext, form: dict) -> dict:
                 form["compile_layers"] = gr.Checkbox(
                     value=v["compile_layers"], label="Compile decoder layers", info=_info("compile_layers")
                 )
+                form["varlen_attention"] = gr.Checkbox(
+                    value=v["varlen_attention"],
+                    label="Varlen attention (CUDA, packing)",
+                    info=_info("varlen_attention"),
+                )
             with gr.Row():
                 form["distributed"] = gr.Dropdown(
                     Distributed.values(), value=v["distributed"], label="Multi-process", info=_info("distributed")

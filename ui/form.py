@@ -76,6 +76,7 @@ CONFIG_FIELDS = [
     "liger_kernels",
     "fused_cross_entropy",
     "compile_layers",
+    "varlen_attention",
     "distributed",
     "num_processes",
     "save_format",

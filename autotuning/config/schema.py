@@ -454,6 +454,12 @@ class TrainingConfig:
         "(for large vocabularies). CUDA GPUs only; pip install 'autotuning[liger]'.",
         default=False,
     )
+    varlen_attention: bool = _help(
+        "With packing: attention document by document through PyTorch's variable-length flash attention "
+        "(torch.nn.attention.varlen) instead of sdpa's dense block mask over the packed row. CUDA GPUs only; "
+        "plain causal attention (no sliding window or soft-capping).",
+        default=False,
+    )
     compile_layers: bool = _help(
         "torch.compile each decoder layer (regional compilation: one compiled graph serves every layer). The first "
         "steps pay the compile time.",
@@ -1078,6 +1084,12 @@ class Config:
                 "rejected answers",
                 f"fields '{liger[0]}'/'training_method'",
                 f"set {liger[0]}: false",
+            )
+        if t.varlen_attention and not t.packing:
+            raise ConfigError(
+                "varlen_attention attends within the documents of packed rows, and packing is off",
+                "fields 'varlen_attention'/'packing'",
+                "set packing: true, or varlen_attention: false",
             )
         if t.fused_lora and peft is PeftType.NONE:
             raise ConfigError(

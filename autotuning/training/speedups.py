@@ -22,6 +22,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
+from transformers import TrainerCallback
 
 from ..config import Config
 from ..errors import ConfigError
@@ -32,12 +33,22 @@ __all__ = [
     "use_fused_lora",
     "compile_decoder_layers",
     "fused_lora_add",
+    "use_varlen_attention",
+    "varlen_attention_forward",
+    "VARLEN_ATTENTION",
 ]
 
 
 def check_speedups(config: Config) -> None:
     """Refuse a speed-up that cannot run on this machine, before any work starts."""
     t = config.training
+    if t.varlen_attention and not torch.cuda.is_available():
+        raise ConfigError(
+            "varlen_attention runs PyTorch's variable-length flash attention, which needs a CUDA GPU, and this "
+            "machine has none",
+            "field 'varlen_attention'",
+            "set varlen_attention: false here (packing then uses sdpa's block mask)",
+        )
     liger = [name for name in ("liger_kernels", "fused_cross_entropy") if getattr(t, name)]
     if not liger:
         return
@@ -204,3 +215,84 @@ def compile_decoder_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+# The name our variable-length attention is registered under in transformers' attention and mask interfaces.
+VARLEN_ATTENTION = "autotuning_varlen"
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of packed rows, document by document, with PyTorch's variable-length flash attention.
+
+    TRL's padding-free collator flattens a batch into one row and hands the document boundaries along
+    (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``, computed on the CPU: no device sync). With sdpa the same
+    batch needs a dense tokens x tokens block mask. Registered without a mask function, so transformers builds
+    no mask at all; :func:`use_varlen_attention` refuses models whose attention this does not cover.
+    """
+    from torch.nn.attention import varlen
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or query.shape[0] != 1:
+        raise RuntimeError(
+            "varlen attention got a batch without packed-document boundaries (cu_seq_lens_q); it runs only on "
+            "TRL's padding-free batches (packing: true)"
+        )
+    # (1, heads, tokens, dim) -> (tokens, heads, dim), the layout varlen_attn takes.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen.varlen_attn(
+        q,
+        k,
+        v,
+        cu_q.to(torch.int32),
+        cu_k.to(torch.int32),
+        int(kwargs["max_length_q"]),
+        int(kwargs["max_length_k"]),
+        scale=scaling,
+        window_size=(-1, 0),  # causal
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.unsqueeze(0), None  # (1, tokens, heads, dim), as transformers' attention functions return
+
+
+def check_varlen_model(hf_config) -> None:
+    """Refuse what varlen attention does not compute: sliding windows, soft-capped logits, attention dropout."""
+    sliding = getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True)
+    reasons = [
+        name
+        for name, present in (
+            ("a sliding attention window", bool(sliding)),
+            ("soft-capped attention logits", bool(getattr(hf_config, "attn_logit_softcapping", None))),
+            ("attention dropout", bool(getattr(hf_config, "attention_dropout", 0.0))),
+        )
+        if present
+    ]
+    if reasons:
+        raise ConfigError(
+            f"varlen_attention computes plain causal attention, and this model ({hf_config.model_type}) uses "
+            + " and ".join(reasons),
+            "field 'varlen_attention'",
+            "set varlen_attention: false (packing then uses sdpa's block mask)",
+        )
+
+
+class _RestoreAttention(TrainerCallback):
+    """After training, the model goes back to its own attention: evaluation and export checks feed it padded
+    batches, which have no document boundaries."""
+
+    def __init__(self, model: nn.Module, implementation: str):
+        self.model, self.implementation = model, implementation
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.model.set_attn_implementation(self.implementation)
+
+
+def use_varlen_attention(model: nn.Module) -> TrainerCallback:
+    """Switch the model to :func:`varlen_attention_forward`; returns the callback that switches it back."""
+    from transformers import AttentionInterface
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_varlen_model(core.config)
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    previous = core.config._attn_implementation
+    core.set_attn_implementation(VARLEN_ATTENTION)
+    return _RestoreAttention(core, previous)

@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from ..config import BestMetric, Config, Distributed
-from .speedups import compile_decoder_layers, liger_arguments, use_fused_lora
+from .speedups import compile_decoder_layers, liger_arguments, use_fused_lora, use_varlen_attention
 from .trackers import attach_trackers
 
 __all__ = [
@@ -126,13 +126,15 @@ def quiet_progress() -> None:
 def assemble_trainer(trainer_class, config: Config, args, model, tokenizer, train_dataset, eval_dataset, callbacks):
     """Every method's trainer is built the same way: early stopping when the config asks for it (and the arguments
     name a best-checkpoint metric), and no printed log dicts when progress is quiet."""
-    if args.metric_for_best_model and config.training.early_stopping_patience > 0:
-        t = config.training
+    t = config.training
+    if args.metric_for_best_model and t.early_stopping_patience > 0:
         callbacks = [*callbacks, EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold)]
     run_dir = Path(args.output_dir).parent  # output_dir is <run>/checkpoints
-    t = config.training
+    # Speed-ups (speedups.py), before the Trainer wraps the model.
     if t.fused_lora:
         log.info("fused_lora: %d LoRA layers add their update with one addmm", use_fused_lora(model))
+    if t.varlen_attention:
+        callbacks = [*callbacks, use_varlen_attention(model)]
     if t.compile_layers:
         log.info(
             "compile_layers: %d decoder layers compiled (the first steps pay the compile)",
