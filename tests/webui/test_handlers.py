@@ -237,6 +237,43 @@ def test_an_unverified_export_is_shown_with_its_reason_and_files(ctx):
     assert row["status"] == "finished" and row["exports"] == "torch ⚠️ unverified, gguf ⛔ skipped"
 
 
+def test_a_finished_sweeps_comparison_is_rebuilt_only_when_its_records_change(ctx, monkeypatch):
+    """The Train tab's timer redraws a finished sweep every second: compare_runs (every trial's metrics.jsonl) runs
+    again only when sweep.json or a trial's run.json changed."""
+    import ui.context
+
+    sweep = ctx.output_root / "grid"
+    trials = []
+    for i, loss in enumerate([2.0, 1.5], start=1):
+        trial = sweep / f"trial-0{i}"
+        trial.mkdir(parents=True)
+        (trial / "run.json").write_text(json.dumps({"status": "finished", "eval_results": {"eval_loss": loss}}))
+        trials.append({"name": trial.name, "path": str(trial), "status": "finished"})
+    (sweep / "sweep.json").write_text(json.dumps({"status": "finished", "metric": "eval_loss", "trials": trials}))
+    calls = []
+    real = ui.context.compare_runs
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ui.context, "compare_runs", counting)
+
+    def touch(path: Path) -> None:
+        stamp = path.stat().st_mtime_ns + 1_000_000
+        os.utime(path, ns=(stamp, stamp))
+
+    first = ctx.sweep_comparison(sweep)
+    assert first is not None and first.best == "trial-02" and len(calls) == 1
+    assert ctx.sweep_comparison(sweep) is first and len(calls) == 1  # the next tick: nothing read again
+    touch(sweep / "sweep.json")
+    assert ctx.sweep_comparison(sweep) is not first and len(calls) == 2
+    assert ctx.sweep_comparison(sweep) is ctx.sweep_comparison(sweep) and len(calls) == 2
+    touch(sweep / "trial-01" / "run.json")  # e.g. a trial exported from the Export tab afterwards
+    ctx.sweep_comparison(sweep)
+    assert len(calls) == 3
+
+
 def test_paths_typed_in_the_app_stay_inside_its_folders(ctx, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
