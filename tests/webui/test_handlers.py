@@ -274,6 +274,35 @@ def test_a_finished_sweeps_comparison_is_rebuilt_only_when_its_records_change(ct
     assert len(calls) == 3
 
 
+def test_the_runs_tabs_markdown_and_the_clis_text_show_the_same_comparison():
+    """Both draw comparison_tables: the same options, figures, gains and exports, each in its own frame."""
+    from autotuning.runs import Comparison, comparison_tables, describe_comparison
+    from ui.runs_tab import comparison_markdown
+
+    c = Comparison(
+        names=["a", "b"],
+        paths=["runs/a", "runs/b"],
+        status=["finished", "stopped"],
+        differs={"learning_rate": [0.001, 0.02], "lora_target_modules": [["q_proj", "v_proj"], None]},
+        metrics=[
+            {"name": "a", "eval_loss": 1.23456, "eval_loss_gain": 0.5, "peak_memory_bytes": 3 * 1024**3, "step": 4},
+            {"name": "b", "eval_loss": None, "accuracy": 0.25, "step": 2},
+        ],
+        metric_keys=["eval_loss", "accuracy", "peak_memory_bytes"],
+        exports=[{"torch": "verified (rel 1.4e-05)"}, {}],
+        metric="eval_loss",
+        best="a",
+    )
+    text, markdown = "\n".join(describe_comparison(c)), comparison_markdown(c)
+    tables = comparison_tables(c)
+    cells = {cell for table in (tables.differs, tables.metrics, tables.exports) for row in table for cell in row}
+    cells -= {"-", "status", "stopped", "finished"}  # no value: "–" in Markdown; the status: in the text's run list
+    assert {"1.235 (+0.5)", "3.00 GiB", "[q_proj, v_proj]", "verified (rel 1.4e-05)"} <= cells
+    for cell in cells:
+        assert cell in text and f"| {cell} |" in markdown, cell
+    assert "* a" in text and "⭐ a (best)" in markdown and "| b | stopped | – | 0.25 | – |" in markdown
+
+
 def test_paths_typed_in_the_app_stay_inside_its_folders(ctx, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
