@@ -11,6 +11,7 @@ training, for ``train --resume`` and ``export``: the live run is left alone),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -258,6 +260,24 @@ def _setup_console_logging(quiet: bool) -> logging.Handler:
     return handler
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops(stop_event: threading.Event, stopping: str) -> Iterator[None]:
+    """While inside: the first Ctrl-C sets ``stop_event`` (the job ends at its next step, checkpoint saved) and
+    prints ``stopping``; a second raises KeyboardInterrupt, which aborts without saving."""
+
+    def on_sigint(signum, frame):
+        if stop_event.is_set():
+            raise KeyboardInterrupt
+        stop_event.set()
+        print(f"\n{stopping} (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_train_launched(config: Config, quiet: bool) -> int:
     """distributed: ddp|fsdp: prepare the run, print the launch command, run it and wait."""
     plan = prepare_launch(config, extra_args=["--quiet"] if quiet else [])
@@ -324,16 +344,6 @@ def _cmd_sweep(config: Config, args: argparse.Namespace) -> int:
         config = config.replace(output_dir=str(Path("runs") / f"{default_run_name(config)}-sweep"))
     stop_event = threading.Event()
 
-    def on_sigint(signum, frame):
-        if stop_event.is_set():
-            raise KeyboardInterrupt
-        stop_event.set()
-        print(
-            "\nstopping this trial at the next step and saving a checkpoint, then the sweep "
-            "(Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-        )
-
     def run_trial(trial_config: Config) -> RunStatus:
         if trial_config.training.distributed is not Distributed.NONE:
             _cmd_train_launched(trial_config, args.quiet)  # reports its own errors; run.json has the status
@@ -349,11 +359,8 @@ def _cmd_sweep(config: Config, args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         print(f"sweep: {trial.name} ({number} of {total}): {shown}", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with _ctrl_c_stops(stop_event, "stopping this trial at the next step and saving a checkpoint, then the sweep"):
         record = run_sweep(config, run_trial, stopped=stop_event.is_set, on_trial=on_trial)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     root = config.run.output_dir
     if record["status"] == RunStatus.STOPPED:
         print(
@@ -392,21 +399,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config.training.distributed is not Distributed.NONE and not launched:
         return _cmd_train_launched(config, args.quiet)
     stop_event = threading.Event()
-
-    def on_sigint(signum, frame):
-        if stop_event.is_set():
-            raise KeyboardInterrupt
-        stop_event.set()
-        print(
-            "\nstopping at the next step and saving a checkpoint (Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-        )
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = run_job(config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
+        with _ctrl_c_stops(stop_event, "stopping at the next step and saving a checkpoint"):
+            result = run_job(config, stop_event=stop_event, show_progress=not (args.quiet or args.no_progress))
     finally:
-        signal.signal(signal.SIGINT, previous)
         if launched:
             leave_process_group()
     if not role.writes:

@@ -79,27 +79,16 @@ class _ThreadLogHandler(logging.Handler):
         self.lines.append(self.format(record))
 
 
-class Run:
-    """One job: its config, status, metric events, log tail and error."""
+class _Job:
+    """What Run, Sweep and Task share: a status any thread may read (kept under a lock), a request to stop that
+    the job honours at its next safe point, and a wait for the thread doing the work."""
 
-    def __init__(self, config: Config):
+    def __init__(self) -> None:
         self.id = uuid.uuid4().hex[:8]
-        self.config = config
-        self.run_dir = Path(config.run.output_dir)
-        self.sink = MetricsSink()
-        self.stop_event = threading.Event()
-        self.log_lines: deque[str] = deque(maxlen=400)
         self.error: str = ""
-        self.result: Any = None
-        self.created_at = time.time()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
         self._status = RunStatus.QUEUED
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._done: threading.Event | None = None  # set when the job ran through an executor
-
-    # -- state ----------------------------------------------------------------------
 
     @property
     def status(self) -> RunStatus:
@@ -110,23 +99,56 @@ class Run:
         with self._lock:
             self._status = status
 
+    def _begin(self) -> None:
+        """queued -> running; a job stopped before its thread began stays 'stopping'."""
+        with self._lock:
+            if self._status is RunStatus.QUEUED:
+                self._status = RunStatus.RUNNING
+
     def is_active(self) -> bool:
         return self.status in ACTIVE
 
-    def stop(self) -> None:
-        """Ask the job to end at the next step boundary; it saves a checkpoint and ends as 'stopped'."""
-        self.stop_event.set()
+    def _request_stop(self, event: threading.Event) -> None:
+        """Set the event the job's thread checks, and show 'stopping' until it has ended."""
+        event.set()
         with self._lock:
             if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
                 self._status = RunStatus.STOPPING
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._done is not None:
-            return self._done.wait(timeout)
+        """Wait for the job's thread; True once it has ended (or never started)."""
         if self._thread is None:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class Run(_Job):
+    """One job: its config, status, metric events, log tail and error."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        self.sink = MetricsSink()
+        self.stop_event = threading.Event()
+        self.log_lines: deque[str] = deque(maxlen=400)
+        self.result: Any = None
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._done: threading.Event | None = None  # set when the job ran through an executor
+
+    # -- state ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the job to end at the next step boundary; it saves a checkpoint and ends as 'stopped'."""
+        self._request_stop(self.stop_event)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._done is not None:
+            return self._done.wait(timeout)
+        return super().wait(timeout)
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Metric events from index ``since`` on (the history survives page reloads: it lives here)."""
@@ -163,8 +185,7 @@ class Run:
         for lg in loggers:
             lg.addHandler(handler)
         self.started_at = time.time()
-        if self.status is RunStatus.QUEUED:
-            self._set_status(RunStatus.RUNNING)
+        self._begin()
         try:
             self.result = run_job(self.config, stop_event=self.stop_event, sink=self.sink, show_progress=False)
             self._set_status(RunStatus(self.result.status))
@@ -195,8 +216,7 @@ class Run:
         work as for a single-process run); the processes' output becomes the log tail.
         """
         self.started_at = time.time()
-        if self.status is RunStatus.QUEUED:
-            self._set_status(RunStatus.RUNNING)
+        self._begin()
         tail = None
         try:
             plan = prepare_launch(self.config, extra_args=["--no-progress"])
@@ -243,7 +263,7 @@ class Run:
         self._thread.start()
 
 
-class Sweep:
+class Sweep(_Job):
     """A sweep job: its trials trained one after another, each a :class:`Run` the pipeline follows as current.
 
     ``stop()`` stops the trial being trained (it saves a checkpoint) and with it the sweep; resuming the sweep
@@ -251,7 +271,7 @@ class Sweep:
     """
 
     def __init__(self, pipeline: Pipeline, config: Config, total: int):
-        self.id = uuid.uuid4().hex[:8]
+        super().__init__()
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         self.total = total
@@ -259,33 +279,16 @@ class Sweep:
         self.record: dict[str, Any] = {}
         self.trial: Run | None = None  # the trial being (or last) trained
         self.number = 0  # its place in the sweep, from 1
-        self.error = ""
         self._pipeline = pipeline
-        self._status = RunStatus.QUEUED
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._target, name=f"autotuning-sweep-{self.id}", daemon=True)
-
-    @property
-    def status(self) -> RunStatus:
-        with self._lock:
-            return self._status
-
-    def is_active(self) -> bool:
-        return self.status in ACTIVE
 
     def stop(self) -> None:
         """End the current trial at its next step (checkpoint saved) and the sweep after it."""
-        self.stop_event.set()
+        self._request_stop(self.stop_event)
         with self._lock:
-            if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
-                self._status = RunStatus.STOPPING
-            trial = self.trial
+            trial = self.trial  # read after the event is set: a trial begun later sees the event itself
         if trial is not None:
             trial.stop()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def progress(self) -> dict[str, Any]:
         """Which trial of how many, its folder, and the best so far (from sweep.json's record)."""
@@ -317,9 +320,7 @@ class Sweep:
             self.number = number
 
     def _target(self) -> None:
-        with self._lock:
-            if self._status is RunStatus.QUEUED:
-                self._status = RunStatus.RUNNING
+        self._begin()
         try:
             record = run_sweep(
                 self.config,
@@ -335,11 +336,10 @@ class Sweep:
         except BaseException as exc:  # a bug: say so on the Train tab rather than die silently in the thread
             self.error = f"internal error ({type(exc).__name__}: {exc})"
             status = RunStatus.FAILED
-        with self._lock:
-            self._status = status
+        self._set_status(status)
 
 
-class Task:
+class Task(_Job):
     """A job on a run that is not training: an export, an evaluation, loading a model for chat.
 
     ``fn(progress, cancel)`` does the work in a thread of its own; it reports ``progress(fraction, what)``
@@ -348,39 +348,21 @@ class Task:
     """
 
     def __init__(self, kind: Operation, run_dir: str | Path | None, fn: Callable[..., Any]):
-        self.id = uuid.uuid4().hex[:8]
+        super().__init__()
         self.kind = Operation(kind)
         self.run_dir = Path(run_dir) if run_dir else None
         self.cancel_event = threading.Event()
-        self.error = ""
         self.result: Any = None
         self.created_at = time.time()
         self.finished_at: float | None = None
         self._fn = fn
-        self._status = RunStatus.QUEUED
         self._fraction = 0.0
         self._what = "queued"
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._target, name=f"autotuning-{self.kind}-{self.id}", daemon=True)
-
-    @property
-    def status(self) -> RunStatus:
-        with self._lock:
-            return self._status
-
-    def is_active(self) -> bool:
-        return self.status in ACTIVE
 
     def cancel(self) -> None:
         """Ask the task to end at its next safe point (between exported formats, between generated answers)."""
-        self.cancel_event.set()
-        with self._lock:
-            if self._status in (RunStatus.QUEUED, RunStatus.RUNNING):
-                self._status = RunStatus.STOPPING
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._request_stop(self.cancel_event)
 
     def progress(self) -> dict[str, Any]:
         with self._lock:
@@ -400,8 +382,7 @@ class Task:
             self._what = what
 
     def _target(self) -> None:
-        with self._lock:
-            self._status = RunStatus.RUNNING
+        self._set_status(RunStatus.RUNNING)  # even after a cancel while queued: fn sees the event and ends
         try:
             self.result = self._fn(self._report, self.cancel_event)
             ended = RunStatus.FINISHED

@@ -52,6 +52,35 @@ def gemma3_dir(_builtin_cache) -> Path:
     return _packaged_dir("pkg:gemma3-270m", _builtin_cache)
 
 
+@pytest.fixture(scope="session")
+def exported_tiny_run(tmp_path_factory):
+    """One 2-step LoRA run of the builtin tiny Llama, evaluated (2 generated answers) and exported to torch and GGUF,
+    trained once for the session (~5 s) and shared by the model card and Hub push tests.
+
+    Those tests read it; one that changes its record or files puts them back (or changes them as a re-export would).
+    """
+    from autotuning.config import load_config
+    from autotuning.recipe import run_job
+    from autotuning.runs import RunDir
+
+    out = tmp_path_factory.mktemp("exported") / "tiny-run"
+    config = load_config(
+        None,
+        [
+            "model_name=builtin:tiny-llama",
+            "dataset_path=sample",
+            f"output_dir={out}",
+            "max_steps=2",
+            "max_seq_length=128",
+            "eval_split=0.1",
+            "eval_generations=2",
+            "save_format=[torch,gguf]",
+        ],
+    )
+    assert run_job(config, show_progress=False).status == "finished"
+    return RunDir(out)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

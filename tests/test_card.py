@@ -9,35 +9,18 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
-from autotuning.config import load_config
 from autotuning.export import export_run
 from autotuning.modeling import base_model_license, hub_model_id
-from autotuning.recipe import run_job
 from autotuning.report import write_report
 from autotuning.runs import RunDir
 
 TOKEN = "hf_SENTINEL_card_4242"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    """One 2-step LoRA run of the builtin tiny Llama, evaluated, exported to torch and GGUF (~5 s)."""
-    out = tmp_path_factory.mktemp("card") / "run"
-    config = load_config(
-        None,
-        [
-            "model_name=builtin:tiny-llama",
-            "dataset_path=sample",
-            f"output_dir={out}",
-            "max_steps=2",
-            "max_seq_length=128",
-            "eval_split=0.1",
-            "eval_generations=2",
-            "save_format=[torch,gguf]",
-        ],
-    )
-    assert run_job(config, show_progress=False).status == "finished"
-    return RunDir(out)
+@pytest.fixture
+def run(exported_tiny_run) -> RunDir:
+    """The session's 2-step tiny Llama run, evaluated, exported to torch and GGUF (tests/conftest.py)."""
+    return exported_tiny_run
 
 
 def _card_files(text: str) -> dict[str, str]:

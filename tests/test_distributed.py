@@ -71,8 +71,16 @@ def test_cli_ddp_two_processes_on_cpu(tmp_path, capsys):
 
 @cpu_processes
 def test_pipeline_streams_stops_and_resumes_a_ddp_run(tmp_path):
+    # No generated answers after the resume: the curve is what is checked (test_cli_ddp_two_processes_on_cpu
+    # covers a DDP run's end to end, answers included).
     config = _quick(
-        tmp_path, "distributed=ddp", "num_processes=2", "max_steps=400", "save_steps=1000", "logging_steps=1"
+        tmp_path,
+        "distributed=ddp",
+        "num_processes=2",
+        "max_steps=400",
+        "save_steps=1000",
+        "logging_steps=1",
+        "eval_generations=0",
     )
     pipeline = Pipeline(tmp_path)
     run = pipeline.start(config)
@@ -258,7 +266,9 @@ def test_two_machines_on_localhost_stop_and_resume_one_run_that_machine_0_writes
     import signal
 
     out = tmp_path / "run"
-    sets = _machines_sets(max_steps=2000, output_dir=out)
+    # No generated answers at the end (machine 0's rank evaluates as in test_cli_ddp_two_processes_on_cpu): what is
+    # checked here is the stop, the resume on both machines and the one curve.
+    sets = _machines_sets(max_steps=2000, output_dir=out, eval_generations=0)
     procs = [_machine(rank, sets, tmp_path / f"machine{rank}.log") for rank in (0, 1)]
     _wait_for_train_event(out / "metrics.jsonl", procs)
     procs[0].send_signal(signal.SIGINT)  # Ctrl-C on machine 0: a stop with a checkpoint, for every machine
@@ -271,7 +281,7 @@ def test_two_machines_on_localhost_stop_and_resume_one_run_that_machine_0_writes
     assert record["status"] == "stopped" and 0 < stopped_at < 2000
     assert (out / "checkpoints" / f"checkpoint-{stopped_at}").is_dir()
 
-    sets = _machines_sets(max_steps=stopped_at + 4, output_dir=out)
+    sets = _machines_sets(max_steps=stopped_at + 4, output_dir=out, eval_generations=0)
     procs = [_machine(rank, sets, tmp_path / f"machine{rank}.log", "--resume") for rank in (0, 1)]
     logs = _finish(procs)
     assert procs[0].returncode == 0, logs[0][-3000:]

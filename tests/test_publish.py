@@ -17,10 +17,9 @@ from hubserver import RecordingHub
 from huggingface_hub import ModelCard, constants
 
 from autotuning.cli import main
-from autotuning.config import lend_environment_token, load_config
+from autotuning.config import lend_environment_token
 from autotuning.errors import UserError
 from autotuning.publish import push_run, repo_layout
-from autotuning.recipe import run_job
 from autotuning.runs import RunDir
 from ui import build_app
 from ui.context import AppContext
@@ -28,24 +27,10 @@ from ui.context import AppContext
 TOKEN = "hf_push_test_token_1234"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    """A 2-step LoRA run of the builtin tiny Llama with merged/, adapter/ and gguf/ (~5 s)."""
-    out = tmp_path_factory.mktemp("push") / "tiny-run"
-    config = load_config(
-        None,
-        [
-            "model_name=builtin:tiny-llama",
-            "dataset_path=sample",
-            f"output_dir={out}",
-            "max_steps=2",
-            "max_seq_length=128",
-            "eval_split=0",
-            "save_format=[torch,gguf]",
-        ],
-    )
-    assert run_job(config, show_progress=False).status == "finished"
-    return RunDir(out)
+@pytest.fixture
+def run(exported_tiny_run) -> RunDir:
+    """The session's 2-step tiny Llama run with merged/, adapter/ and gguf/ (tests/conftest.py)."""
+    return exported_tiny_run
 
 
 @pytest.fixture

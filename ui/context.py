@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autotuning.inference import ModelCache
 from autotuning.pipeline import Pipeline
-from autotuning.runs import RunStatus, SweepDir, is_sweep, list_runs
+from autotuning.runs import Comparison, RunStatus, SweepDir, compare_runs, is_sweep, list_runs, sweep_trial_dirs
 
 __all__ = ["AppContext"]
 
@@ -26,6 +27,8 @@ class AppContext:
     data_dirs: list[Path] = field(default_factory=list)
     # Whether browser sessions may tick trust_remote_code / allow_pickle_weights: --allow-remote-code.
     allow_code: bool = False
+    # The last sweep comparison and what it was built from (see sweep_comparison).
+    _comparison: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -61,3 +64,33 @@ class AppContext:
                 (f"{path.name} ({record.get('status', '?')}, {len(record.get('trials', []))} trials{shown})", str(path))
             )
         return choices
+
+    def sweep_comparison(self, sweep_dir: str | Path) -> Comparison | None:
+        """A sweep's comparison of its trials (None with fewer than two), rebuilt only when sweep.json or a trial's
+        run.json changed.
+
+        The Train tab's 1 s timer redraws a finished sweep's comparison on every tick, and compare_runs reads every
+        trial's metrics.jsonl; a stat of each record per tick is all a repeat costs. run.json counts too, so a
+        trial exported or pushed later still shows its new exports. One entry: the app has one sweep at a time.
+        """
+        sweep = SweepDir(sweep_dir)
+        key = (str(sweep.path.resolve()), _mtime_ns(sweep.record_path))
+        cached = self._comparison
+        if cached is not None and cached[0] == key and cached[2] == _mtime_ns_all(cached[1]):
+            return cached[3]
+        trials = sweep_trial_dirs(sweep.path)
+        stamps = _mtime_ns_all(trials)  # before reading them: a write during the read is caught on the next call
+        comparison = compare_runs(trials, sweep.read().get("metric", "eval_loss")) if len(trials) >= 2 else None
+        self._comparison = (key, trials, stamps, comparison)
+        return comparison
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _mtime_ns_all(runs: list[Path]) -> tuple[int | None, ...]:
+    return tuple(_mtime_ns(run / "run.json") for run in runs)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from autotuning.config import SWEEP_METRICS, lower_is_better
 from autotuning.errors import UserError
-from autotuning.runs import Comparison, RunDir, compare_runs, sweep_trial_dirs
+from autotuning.runs import Comparison, RunDir, compare_runs, comparison_tables, format_cell, sweep_trial_dirs
 
 from .charts import compare_figure, loss_figure
 from .context import AppContext
@@ -78,53 +78,39 @@ def build(ctx: AppContext) -> dict:
 
 
 def comparison_markdown(c: Comparison) -> str:
-    """The comparison as Markdown: the best run, the options that differ, the metrics and the exports."""
+    """The comparison as Markdown: the best run, the options that differ, the metrics and the exports.
 
-    def cell(value) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value).replace("|", "\\|")
+    The tables are the CLI's (autotuning.runs.comparison_tables), framed as Markdown, with "–" for no value."""
 
-    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def table(rows: list[list[str]]) -> list[str]:
+        escaped = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        header, *body = escaped
         return [
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows),
+            *("| " + " | ".join(r) + " |" for r in body),
         ]
 
+    tables = comparison_tables(c, missing="–")
     direction = "lowest" if lower_is_better(c.metric) else "highest"
     if c.best:
         best = next(row for row in c.metrics if row["name"] == c.best)
-        lines = [f"**Best by {c.metric} ({direction}): ⭐ `{c.best}`** — {c.metric} {cell(best.get(c.metric))}"]
+        value = format_cell(best.get(c.metric), c.metric, missing="–")
+        lines = [f"**Best by {c.metric} ({direction}): ⭐ `{c.best}`** — {c.metric} {value}"]
     else:
         lines = [f"**Best by {c.metric}:** none of these finished runs has it"]
     lines += ["", f"**Runs:** {len(c.names)}", ""]
-    if c.differs:
+    if tables.differs:
         lines += ["**Config that differs**", ""]
-        lines += table(["option", *c.names], [[k, *(cell(v) for v in vals)] for k, vals in c.differs.items()])
+        lines += table(tables.differs)
     else:
         lines.append("**Config:** the same in every run")
     lines += ["", "**Metrics** (in brackets the gain over the base model; > 0 is better)", ""]
-    rows = []
-    for row, status in zip(c.metrics, c.status):
-        name = f"⭐ {row['name']} (best)" if row["name"] == c.best else row["name"]
-        values = []
-        for key in c.metric_keys:
-            gain = row.get(f"{key}_gain")
-            value = (
-                cell(row.get(key))
-                if key != "peak_memory_bytes" or row.get(key) is None
-                else f"{row[key] / 1024**3:.2f} GiB"
-            )
-            values.append(value + (f" ({gain:+.2g})" if isinstance(gain, (int, float)) else ""))
-        rows.append([name, status, *values])
-    lines += table(["run", "status", *c.metric_keys], rows)
-    formats = list(dict.fromkeys(f for e in c.exports for f in e))
-    if formats:
+    header, *rows = tables.metrics
+    lines += table([header, *([f"⭐ {r[0]} (best)" if r[0] == c.best else r[0], *r[1:]] for r in rows)])
+    if tables.exports:
         lines += ["", "**Exports**", ""]
-        lines += table(["run", *formats], [[n, *(e.get(f, "–") for f in formats)] for n, e in zip(c.names, c.exports)])
+        lines += table(tables.exports)
     return "\n".join(lines)
 
 

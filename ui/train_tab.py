@@ -15,13 +15,11 @@ from autotuning.estimate import estimate_memory
 from autotuning.runs import (
     RunStatus,
     SweepDir,
-    compare_runs,
     is_locked,
     is_sweep,
     last_checkpoint,
     load_run_config,
     load_sweep_config,
-    sweep_trial_dirs,
 )
 
 from .charts import loss_figure, lr_figure, progress_html, rewards_figure, throughput_figure
@@ -74,11 +72,16 @@ def build(ctx: AppContext, form: dict) -> dict:
 
 
 def _sweep_snapshot(ctx: AppContext, run) -> dict:
-    """The sweep the shown run is a trial of (its progress), or {}."""
+    """The sweep the shown run is a trial of (its progress, and once finished its comparison), or {}."""
     sweep = ctx.pipeline.sweep
     if sweep is None or run is None or run.run_dir.parent.resolve() != sweep.run_dir.resolve():
         return {}
-    return sweep.progress()
+    progress = sweep.progress()
+    if progress["status"] == RunStatus.FINISHED:
+        comparison = ctx.sweep_comparison(progress["sweep_dir"])  # cached: the timer asks every second
+        if comparison is not None:
+            progress["comparison"] = comparison_markdown(comparison)
+    return progress
 
 
 def snapshot(ctx: AppContext) -> dict:
@@ -166,11 +169,8 @@ def _sweep_markdown(sweep: dict) -> str:
         text += f"\n\n**Sweep error:** {sweep['error']}"
     if sweep["status"] == RunStatus.STOPPED:
         text += "\n\nThe sweep stopped with this trial: press **Resume** to continue it (this trial, then the rest)."
-    if sweep["status"] == RunStatus.FINISHED:
-        trials = sweep_trial_dirs(sweep["sweep_dir"])
-        if len(trials) >= 2:  # the sweep ends on its comparison
-            metric = SweepDir(sweep["sweep_dir"]).read().get("metric", "eval_loss")
-            text += "\n\n" + comparison_markdown(compare_runs(trials, metric))
+    if sweep.get("comparison"):  # a finished sweep ends on its comparison (Markdown)
+        text += "\n\n" + sweep["comparison"]
     return text
 
 

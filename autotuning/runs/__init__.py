@@ -30,7 +30,7 @@ from .directory import (
     resolve_run_dir,
     write_json_atomic,
 )
-from .compare import Comparison, compare_runs, describe_comparison
+from .compare import Comparison, ComparisonTables, compare_runs, comparison_tables, describe_comparison, format_cell
 from .events import MetricsSink, read_metrics, truncate_metrics
 from .lock import LOCK_FILE, Operation, RunLock, is_locked, lock_owner
 from .status import ACTIVE, ENDED, RunStatus
@@ -46,9 +46,12 @@ from .sweeps import (
 
 __all__ = [
     "Comparison",
+    "ComparisonTables",
     "SweepDir",
     "compare_runs",
+    "comparison_tables",
     "describe_comparison",
+    "format_cell",
     "is_sweep",
     "load_sweep_config",
     "plan_trials",

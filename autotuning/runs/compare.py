@@ -18,7 +18,15 @@ from ..errors import ConfigError
 from .directory import RunDir
 from .events import read_metrics
 
-__all__ = ["Comparison", "compare_runs", "describe_comparison", "short_names"]
+__all__ = [
+    "Comparison",
+    "ComparisonTables",
+    "compare_runs",
+    "comparison_tables",
+    "describe_comparison",
+    "format_cell",
+    "short_names",
+]
 
 # Options that say where a run lives or how it was started, not what it trained.
 _IDENTITY = {"output_dir", "overwrite_output_dir", "resume"}
@@ -149,9 +157,10 @@ def compare_runs(paths: list[str | Path], metric: str = "eval_loss") -> Comparis
     )
 
 
-def _cell(value: Any, key: str = "") -> str:
+def format_cell(value: Any, key: str = "", missing: str = "-") -> str:
+    """One value as a table cell: 4 significant figures, a peak memory in GiB, a list or mapping in YAML flow."""
     if value is None:
-        return "-"
+        return missing
     if key == "peak_memory_bytes" and isinstance(value, (int, float)):
         return f"{value / 1024**3:.2f} GiB"
     if isinstance(value, float):
@@ -161,10 +170,42 @@ def _cell(value: Any, key: str = "") -> str:
     return str(value)
 
 
-def _metric_cell(row: dict[str, Any], key: str) -> str:
+def _metric_cell(row: dict[str, Any], key: str, missing: str) -> str:
     """'5.439 (+0.33)': the value and, in brackets, its gain over the base model."""
     gain = row.get(f"{key}_gain")
-    return _cell(row.get(key), key) + (f" ({gain:+.2g})" if isinstance(gain, (int, float)) else "")
+    return format_cell(row.get(key), key, missing) + (f" ({gain:+.2g})" if isinstance(gain, (int, float)) else "")
+
+
+@dataclass
+class ComparisonTables:
+    """The tables every view of a Comparison draws, as cells (header first, then one row per option or run).
+
+    The CLI's text (describe_comparison) and the app's Markdown (ui/runs_tab.py) both render these, so the two
+    show the same columns, rows and figures; only the frame and the best run's mark are theirs.
+    """
+
+    differs: list[list[str]]  # option, its value in each run; [] when every run has the same config
+    metrics: list[list[str]]  # run, status, each metric (its gain over the base model in brackets)
+    exports: list[list[str]]  # run, each format's verdict; [] when no run has an export
+
+
+def comparison_tables(c: Comparison, missing: str = "-") -> ComparisonTables:
+    """``missing`` fills a cell with no value (the Markdown view uses an en dash)."""
+    differs = []
+    if c.differs:
+        differs = [["option", *c.names]]
+        differs += [[k, *(format_cell(v, missing=missing) for v in vals)] for k, vals in c.differs.items()]
+    metrics = [["run", "status", *c.metric_keys]]
+    metrics += [
+        [row["name"], status, *(_metric_cell(row, k, missing) for k in c.metric_keys)]
+        for row, status in zip(c.metrics, c.status)
+    ]
+    formats = list(dict.fromkeys(f for e in c.exports for f in e))
+    exports = []
+    if formats:
+        exports = [["run", *formats]]
+        exports += [[n, *(e.get(f, missing) for f in formats)] for n, e in zip(c.names, c.exports)]
+    return ComparisonTables(differs=differs, metrics=metrics, exports=exports)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -175,22 +216,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def describe_comparison(c: Comparison) -> list[str]:
     """The comparison as text lines (what ``python -m autotuning compare`` prints before its JSON line)."""
+    tables = comparison_tables(c)
     lines = ["runs:"]
     lines += [f"  {n}: {p} ({s})" for n, p, s in zip(c.names, c.paths, c.status)]
-    if c.differs:
+    if tables.differs:
         lines.append("config that differs:")
-        lines += _table(["option", *c.names], [[k, *(_cell(v) for v in vals)] for k, vals in c.differs.items()])
+        lines += _table(tables.differs[0], tables.differs[1:])
     else:
         lines.append("config: the same in every run")
     best = f"best by {c.metric}: {c.best}" if c.best else f"best by {c.metric}: none (no finished run has it)"
     lines.append(f"metrics ({best}; in brackets the gain over the base model, > 0 is better):")
-    rows = [
-        [("* " if row["name"] == c.best else "  ") + row["name"], *(_metric_cell(row, k) for k in c.metric_keys)]
-        for row in c.metrics
-    ]
-    lines += _table(["  run", *c.metric_keys], rows)
-    formats = list(dict.fromkeys(f for e in c.exports for f in e))
-    if formats:
+    # The status is in the runs list above: the metrics table here leaves its column out and marks the best '* '.
+    header, *rows = tables.metrics
+    rows = [[("* " if r[0] == c.best else "  ") + r[0], *r[2:]] for r in rows]
+    lines += _table(["  run", *header[2:]], rows)
+    if tables.exports:
         lines.append("exports:")
-        lines += _table(["run", *formats], [[n, *(e.get(f, "-") for f in formats)] for n, e in zip(c.names, c.exports)])
+        lines += _table(tables.exports[0], tables.exports[1:])
     return lines

@@ -130,7 +130,8 @@ def _wait(run, statuses, timeout=120):
 
 
 def test_start_stop_resume_through_the_facade(ctx):
-    start_from_form(ctx, _form(max_steps=60, logging_steps=1, eval_steps=0, run_name="facade"))
+    # No generated answers at the end: nothing here reads them (the quickstart's 8 base + 8 tuned cost seconds).
+    start_from_form(ctx, _form(max_steps=60, logging_steps=1, eval_steps=0, eval_generations=0, run_name="facade"))
     run = ctx.pipeline.current
     # A second Start while one runs is refused and leaves the first alone.
     with pytest.raises(BusyError) as err:
@@ -235,6 +236,72 @@ def test_an_unverified_export_is_shown_with_its_reason_and_files(ctx):
     (run_dir / "run.json").write_text(json.dumps({"status": "finished", "started_at": 1, "exports": exports}))
     row = runs_table(ctx).set_index("name").loc["done"]
     assert row["status"] == "finished" and row["exports"] == "torch ⚠️ unverified, gguf ⛔ skipped"
+
+
+def test_a_finished_sweeps_comparison_is_rebuilt_only_when_its_records_change(ctx, monkeypatch):
+    """The Train tab's timer redraws a finished sweep every second: compare_runs (every trial's metrics.jsonl) runs
+    again only when sweep.json or a trial's run.json changed."""
+    import ui.context
+
+    sweep = ctx.output_root / "grid"
+    trials = []
+    for i, loss in enumerate([2.0, 1.5], start=1):
+        trial = sweep / f"trial-0{i}"
+        trial.mkdir(parents=True)
+        (trial / "run.json").write_text(json.dumps({"status": "finished", "eval_results": {"eval_loss": loss}}))
+        trials.append({"name": trial.name, "path": str(trial), "status": "finished"})
+    (sweep / "sweep.json").write_text(json.dumps({"status": "finished", "metric": "eval_loss", "trials": trials}))
+    calls = []
+    real = ui.context.compare_runs
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ui.context, "compare_runs", counting)
+
+    def touch(path: Path) -> None:
+        stamp = path.stat().st_mtime_ns + 1_000_000
+        os.utime(path, ns=(stamp, stamp))
+
+    first = ctx.sweep_comparison(sweep)
+    assert first is not None and first.best == "trial-02" and len(calls) == 1
+    assert ctx.sweep_comparison(sweep) is first and len(calls) == 1  # the next tick: nothing read again
+    touch(sweep / "sweep.json")
+    assert ctx.sweep_comparison(sweep) is not first and len(calls) == 2
+    assert ctx.sweep_comparison(sweep) is ctx.sweep_comparison(sweep) and len(calls) == 2
+    touch(sweep / "trial-01" / "run.json")  # e.g. a trial exported from the Export tab afterwards
+    ctx.sweep_comparison(sweep)
+    assert len(calls) == 3
+
+
+def test_the_runs_tabs_markdown_and_the_clis_text_show_the_same_comparison():
+    """Both draw comparison_tables: the same options, figures, gains and exports, each in its own frame."""
+    from autotuning.runs import Comparison, comparison_tables, describe_comparison
+    from ui.runs_tab import comparison_markdown
+
+    c = Comparison(
+        names=["a", "b"],
+        paths=["runs/a", "runs/b"],
+        status=["finished", "stopped"],
+        differs={"learning_rate": [0.001, 0.02], "lora_target_modules": [["q_proj", "v_proj"], None]},
+        metrics=[
+            {"name": "a", "eval_loss": 1.23456, "eval_loss_gain": 0.5, "peak_memory_bytes": 3 * 1024**3, "step": 4},
+            {"name": "b", "eval_loss": None, "accuracy": 0.25, "step": 2},
+        ],
+        metric_keys=["eval_loss", "accuracy", "peak_memory_bytes"],
+        exports=[{"torch": "verified (rel 1.4e-05)"}, {}],
+        metric="eval_loss",
+        best="a",
+    )
+    text, markdown = "\n".join(describe_comparison(c)), comparison_markdown(c)
+    tables = comparison_tables(c)
+    cells = {cell for table in (tables.differs, tables.metrics, tables.exports) for row in table for cell in row}
+    cells -= {"-", "status", "stopped", "finished"}  # no value: "–" in Markdown; the status: in the text's run list
+    assert {"1.235 (+0.5)", "3.00 GiB", "[q_proj, v_proj]", "verified (rel 1.4e-05)"} <= cells
+    for cell in cells:
+        assert cell in text and f"| {cell} |" in markdown, cell
+    assert "* a" in text and "⭐ a (best)" in markdown and "| b | stopped | – | 0.25 | – |" in markdown
 
 
 def test_paths_typed_in_the_app_stay_inside_its_folders(ctx, tmp_path):
