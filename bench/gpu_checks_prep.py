@@ -40,6 +40,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from carry import tree_bytes  # what a device call sends of the checkout (bench/carry.py, issue 20's carry)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CARRY = REPO / ".gpu18"  # the main call's carry (ignored in .gitignore)
@@ -221,17 +223,6 @@ def real_weights(carry: Path, stage: Path, room_in_main: int, room_in_stage: int
     }
 
 
-def checkout_bytes() -> int:
-    """What a device call sends of the checkout itself: tracked and untracked-not-ignored files."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return sum((REPO / n).stat().st_size for n in out.decode().split("\0") if n and (REPO / n).is_file())
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
@@ -262,7 +253,7 @@ def main() -> int:
         ("builtin.tar.xz", "builtin"),
     ):
         manifest.setdefault(key, {})["sha256"] = sha256(CARRY / name)
-    repo = checkout_bytes()
+    repo = tree_bytes()
     if args.real_weights:
         main_room = CALL_LIMIT - MARGIN - repo - folder_bytes(CARRY) - 64 * 1024  # the package tar + manifest
         manifest["smollm2_real"] = real_weights(CARRY, STAGE, main_room, CALL_LIMIT - MARGIN - repo)
